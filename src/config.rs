@@ -1,0 +1,658 @@
+//! Command-line flags, environment variables and agent profiles.
+//!
+//! Every flag has an `AGENTGATE_*` environment variable. Profiles come from a
+//! TOML file (`--config`) plus two built-ins: `demo` (this binary run as
+//! `agentgate demo-agent`, so a fresh machine can try the gateway) and
+//! `claude` (when a `claude` binary is found). A bad file stops start-up with
+//! one line naming the file, the profile and the field.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use regex::Regex;
+use serde::Deserialize;
+
+/// agentgate: conversational CLI agents behind HTTP REST + SSE.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "agentgate", version, about)]
+pub struct Cli {
+    /// A subcommand; without one the gateway runs.
+    #[command(subcommand)]
+    pub command: Option<SubCommand>,
+    /// Address to listen on. Non-loopback addresses need a token (or --insecure).
+    #[arg(long, env = "AGENTGATE_LISTEN", default_value = "127.0.0.1:8700")]
+    pub listen: SocketAddr,
+    /// TOML file with `[agents.NAME]` profiles.
+    #[arg(long, env = "AGENTGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Bearer token every route but /healthz requires.
+    #[arg(long, env = "AGENTGATE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Profile used when a request names none.
+    #[arg(long, env = "AGENTGATE_DEFAULT_AGENT")]
+    pub default_agent: Option<String>,
+    /// A session's child is stopped after this long with nothing running or queued.
+    #[arg(long, env = "AGENTGATE_IDLE_TIMEOUT", default_value = "30m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// How often the reaper looks for idle children and expired sessions.
+    #[arg(long, env = "AGENTGATE_REAP_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub reap_interval: Duration,
+    /// A session with no activity for this long is removed.
+    #[arg(long, env = "AGENTGATE_SESSION_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub session_ttl: Duration,
+    /// Most sessions at once (503 beyond).
+    #[arg(long, env = "AGENTGATE_MAX_SESSIONS", default_value_t = 256)]
+    pub max_sessions: usize,
+    /// Most live session children at once; the least recently used idle one is suspended to make room.
+    #[arg(long, env = "AGENTGATE_MAX_CHILDREN", default_value_t = 64)]
+    pub max_children: usize,
+    /// Most messages waiting behind the running one, per session (429 beyond).
+    #[arg(long, env = "AGENTGATE_MAX_QUEUE", default_value_t = 8)]
+    pub max_queue: usize,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, env = "AGENTGATE_MAX_BODY", default_value_t = 1 << 20)]
+    pub max_body: u64,
+    /// Largest reply per message in bytes (the message fails with `output_limit` beyond).
+    #[arg(long, env = "AGENTGATE_MAX_OUTPUT", default_value_t = 16 << 20)]
+    pub max_output: usize,
+    /// Events kept per session for replay.
+    #[arg(long, env = "AGENTGATE_REPLAY_EVENTS", default_value_t = 4096)]
+    pub replay_events: usize,
+    /// Bytes of event data kept per session for replay.
+    #[arg(long, env = "AGENTGATE_REPLAY_BYTES", default_value_t = 8 << 20)]
+    pub replay_bytes: usize,
+    /// Origins allowed by CORS (repeatable; default none).
+    #[arg(long, env = "AGENTGATE_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub allow_origin: Vec<String>,
+    /// Extra Host header names allowed besides localhost names and loopback addresses (repeatable).
+    #[arg(long, env = "AGENTGATE_ALLOWED_HOST", value_delimiter = ',')]
+    pub allowed_host: Vec<String>,
+    /// Log format.
+    #[arg(long, env = "AGENTGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    /// Allow a non-loopback listen address without a token.
+    #[arg(long, env = "AGENTGATE_INSECURE")]
+    pub insecure: bool,
+    /// Run every profile's messages through its one-shot command (`false` to force).
+    #[arg(long, env = "AGENTGATE_PERSISTENT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub persistent: bool,
+}
+
+/// Subcommands of the binary.
+#[derive(Debug, Clone, Subcommand)]
+pub enum SubCommand {
+    /// The built-in demo agent: reads a line, streams a reply word by word.
+    DemoAgent {
+        /// Answer all of stdin once and exit (the one-shot form).
+        #[arg(long)]
+        oneshot: bool,
+        /// Milliseconds between streamed words.
+        #[arg(long, default_value_t = 15)]
+        delay_ms: u64,
+    },
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Parses `30m`, `2s`, `500ms`, `1h 30m` (humantime).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (use e.g. 30m, 2s, 500ms)"))
+}
+
+/// How a profile's child talks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProtocolKind {
+    /// Text in, text out; the end of a reply is a marker line, a prompt or silence.
+    Lines,
+    /// Claude Code's `--input-format/--output-format stream-json`.
+    ClaudeStreamJson,
+}
+
+/// How the `lines` protocol recognises the end of a reply.
+#[derive(Debug, Clone)]
+pub enum LineEnding {
+    /// A whole stdout line matching this regex ends the reply (and is not output).
+    EndMarker(Regex),
+    /// The program prints this string, with no newline after it, when it waits for input.
+    Prompt(String),
+    /// No output for this long ends the reply.
+    Quiet(Duration),
+}
+
+/// A resolved, validated agent profile.
+#[derive(Debug, Clone)]
+pub struct AgentProfile {
+    /// The name clients use.
+    pub name: String,
+    /// One line for `GET /agents`.
+    pub description: String,
+    /// Persistent command (argv).
+    pub command: Vec<String>,
+    /// One-shot command (argv); `None` means the persistent command is used once.
+    pub oneshot_command: Option<Vec<String>>,
+    /// Protocol spoken by the child.
+    pub protocol: ProtocolKind,
+    /// For `lines`: how a reply ends. `None` for other protocols.
+    pub ending: Option<LineEnding>,
+    /// Send stderr through the stdout pipe (the kernel keeps their order).
+    pub merge_stderr: bool,
+    /// Extra environment variables for the child.
+    pub env: BTreeMap<String, String>,
+    /// Names or `NAME_*` patterns copied from the gateway's environment.
+    pub pass_env: Vec<String>,
+    /// Working directory; `None` is the gateway's.
+    pub cwd: Option<PathBuf>,
+    /// Directories under which a session may choose its own `cwd`.
+    pub cwd_roots: Vec<PathBuf>,
+    /// Children started ahead and handed to new sessions.
+    pub prewarm: usize,
+    /// Default per-message timeout.
+    pub timeout: Duration,
+    /// Keep one child per session (`false`: every message runs the one-shot command).
+    pub persistent: bool,
+    /// After closing stdin, how long the child may take to exit before SIGTERM, and again before SIGKILL.
+    pub stop_grace: Duration,
+    /// After an interrupt (or a timeout's interrupt), how long the reply may take to end before the child is killed.
+    pub interrupt_grace: Duration,
+    /// Unexpected exits allowed within `restart_window` before the session is closed.
+    pub restart_budget: usize,
+    /// The window of the restart budget.
+    pub restart_window: Duration,
+    /// claude: relay tool permission prompts to clients.
+    pub permission_relay: bool,
+    /// claude: deny a permission request nobody answered after this long.
+    pub permission_timeout: Duration,
+}
+
+impl AgentProfile {
+    /// The argv for a one-shot run.
+    pub fn oneshot_argv(&self) -> &[String] {
+        self.oneshot_command.as_deref().unwrap_or(&self.command)
+    }
+}
+
+/// The profile section of the TOML file, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProfileFile {
+    #[serde(default)]
+    agents: BTreeMap<String, RawProfile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProfile {
+    command: Vec<String>,
+    protocol: ProtocolKind,
+    description: Option<String>,
+    prompt: Option<String>,
+    end_marker: Option<String>,
+    quiet_ms: Option<u64>,
+    #[serde(default)]
+    merge_stderr: bool,
+    oneshot_command: Option<Vec<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    pass_env: Vec<String>,
+    cwd: Option<PathBuf>,
+    #[serde(default)]
+    cwd_roots: Vec<PathBuf>,
+    #[serde(default)]
+    prewarm: usize,
+    timeout: Option<String>,
+    persistent: Option<bool>,
+    #[serde(default)]
+    default: bool,
+    stop_grace: Option<String>,
+    interrupt_grace: Option<String>,
+    restart_budget: Option<usize>,
+    restart_window: Option<String>,
+    permission_relay: Option<bool>,
+    permission_timeout: Option<String>,
+}
+
+/// A configuration error: names the file, the profile and the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {place}: {message}")]
+pub struct ConfigError {
+    file: String,
+    place: String,
+    message: String,
+}
+
+impl ConfigError {
+    fn new(file: &str, place: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_string(),
+            place: place.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Everything the gateway needs to run, resolved from flags and the profile file.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Bearer token, if any.
+    pub token: Option<String>,
+    /// Profiles by name.
+    pub profiles: BTreeMap<String, Arc<AgentProfile>>,
+    /// The profile used when a request names none.
+    pub default_agent: String,
+    /// See [`Cli::idle_timeout`].
+    pub idle_timeout: Duration,
+    /// See [`Cli::reap_interval`].
+    pub reap_interval: Duration,
+    /// See [`Cli::session_ttl`].
+    pub session_ttl: Duration,
+    /// See [`Cli::max_sessions`].
+    pub max_sessions: usize,
+    /// See [`Cli::max_children`].
+    pub max_children: usize,
+    /// See [`Cli::max_queue`].
+    pub max_queue: usize,
+    /// See [`Cli::max_body`].
+    pub max_body: u64,
+    /// See [`Cli::max_output`].
+    pub max_output: usize,
+    /// See [`Cli::replay_events`].
+    pub replay_events: usize,
+    /// See [`Cli::replay_bytes`].
+    pub replay_bytes: usize,
+    /// See [`Cli::allow_origin`].
+    pub allow_origin: Vec<String>,
+    /// See [`Cli::allowed_host`].
+    pub allowed_host: Vec<String>,
+    /// See [`Cli::insecure`].
+    pub insecure: bool,
+    /// Interval of SSE heartbeat comments.
+    pub heartbeat: Duration,
+}
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+impl Config {
+    /// Resolves flags and the profile file. `self_exe` is the agentgate binary
+    /// that runs the built-in `demo` agent.
+    pub fn from_cli(cli: &Cli, self_exe: &Path) -> Result<Config, ConfigError> {
+        let mut profiles = BTreeMap::new();
+        profiles.insert("demo".to_string(), Arc::new(demo_profile(self_exe)));
+        if let Some(claude) = find_claude() {
+            profiles.insert("claude".to_string(), Arc::new(claude_profile(&claude)));
+        }
+        let mut file_default = None;
+        if let Some(path) = &cli.config {
+            let (loaded, default) = load_profiles(path)?;
+            file_default = default;
+            for (name, profile) in loaded {
+                profiles.insert(name, Arc::new(profile));
+            }
+        }
+        if !cli.persistent {
+            for profile in profiles.values_mut() {
+                Arc::make_mut(profile).persistent = false;
+            }
+        }
+        let default_agent = match (&cli.default_agent, file_default) {
+            (Some(name), _) => name.clone(),
+            (None, Some(name)) => name,
+            (None, None) if profiles.contains_key("claude") => "claude".to_string(),
+            (None, None) => "demo".to_string(),
+        };
+        if !profiles.contains_key(&default_agent) {
+            let known: Vec<&str> = profiles.keys().map(String::as_str).collect();
+            return Err(ConfigError::new(
+                "--default-agent",
+                default_agent,
+                format!("no such profile (known: {})", known.join(", ")),
+            ));
+        }
+        Ok(Config {
+            listen: cli.listen,
+            token: cli.token.clone().filter(|t| !t.is_empty()),
+            profiles,
+            default_agent,
+            idle_timeout: cli.idle_timeout,
+            reap_interval: cli.reap_interval,
+            session_ttl: cli.session_ttl,
+            max_sessions: cli.max_sessions,
+            max_children: cli.max_children.max(1),
+            max_queue: cli.max_queue,
+            max_body: cli.max_body,
+            max_output: cli.max_output,
+            replay_events: cli.replay_events.max(1),
+            replay_bytes: cli.replay_bytes.max(1024),
+            allow_origin: cli.allow_origin.clone(),
+            allowed_host: cli.allowed_host.clone(),
+            insecure: cli.insecure,
+            heartbeat: Duration::from_secs(15),
+        })
+    }
+
+    /// A configuration with defaults and the built-in profiles only; for tests and embedding.
+    pub fn defaults(self_exe: &Path) -> Config {
+        let cli = Cli::parse_from(["agentgate", "--listen", "127.0.0.1:0"]);
+        Config::from_cli(&cli, self_exe).expect("the built-in defaults are valid")
+    }
+
+    /// Adds (or replaces) profiles from TOML text; for tests and embedding.
+    pub fn add_profiles_toml(&mut self, origin: &str, text: &str) -> Result<(), ConfigError> {
+        for (name, profile) in parse_profiles(origin, text)?.0 {
+            self.profiles.insert(name, Arc::new(profile));
+        }
+        Ok(())
+    }
+}
+
+fn load_profiles(
+    path: &Path,
+) -> Result<(BTreeMap<String, AgentProfile>, Option<String>), ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(&file, "file", format!("cannot read: {e}")))?;
+    parse_profiles(&file, &text)
+}
+
+fn parse_profiles(
+    file: &str,
+    text: &str,
+) -> Result<(BTreeMap<String, AgentProfile>, Option<String>), ConfigError> {
+    let parsed: ProfileFile = toml::from_str(text).map_err(|e| {
+        // toml's message names the key path and line; keep it on one line.
+        let msg = e.message().to_string();
+        let place = e
+            .span()
+            .map(|s| format!("line {}", text[..s.start].lines().count().max(1)))
+            .unwrap_or_else(|| "file".to_string());
+        ConfigError::new(file, place, msg)
+    })?;
+    let mut out = BTreeMap::new();
+    let mut default = None;
+    for (name, raw) in parsed.agents {
+        if raw.default {
+            default = Some(name.clone());
+        }
+        let profile = resolve_profile(file, &name, raw)?;
+        out.insert(name, profile);
+    }
+    Ok((out, default))
+}
+
+fn resolve_profile(file: &str, name: &str, raw: RawProfile) -> Result<AgentProfile, ConfigError> {
+    let field = |f: &str| format!("agents.{name}.{f}");
+    let err = |f: &str, m: String| ConfigError::new(file, field(f), m);
+    let duration =
+        |f: &str, v: &Option<String>, default: Duration| -> Result<Duration, ConfigError> {
+            match v {
+                Some(s) => parse_duration(s).map_err(|e| err(f, e)),
+                None => Ok(default),
+            }
+        };
+    if raw.command.is_empty() || raw.command[0].is_empty() {
+        return Err(err(
+            "command",
+            "must name a program (argv, not a shell string)".into(),
+        ));
+    }
+    if let Some(cmd) = &raw.oneshot_command {
+        if cmd.is_empty() || cmd[0].is_empty() {
+            return Err(err("oneshot_command", "must name a program".into()));
+        }
+    }
+    let ending = match raw.protocol {
+        ProtocolKind::Lines => {
+            let set = [
+                raw.end_marker.is_some(),
+                raw.prompt.is_some(),
+                raw.quiet_ms.is_some(),
+            ];
+            match set.iter().filter(|b| **b).count() {
+                1 => {}
+                0 => {
+                    return Err(err(
+                        "protocol",
+                        "`lines` needs one of end_marker, prompt or quiet_ms".into(),
+                    ))
+                }
+                _ => {
+                    return Err(err(
+                        "protocol",
+                        "give only one of end_marker, prompt and quiet_ms".into(),
+                    ))
+                }
+            }
+            Some(if let Some(re) = &raw.end_marker {
+                LineEnding::EndMarker(
+                    Regex::new(re).map_err(|e| err("end_marker", format!("bad regex: {e}")))?,
+                )
+            } else if let Some(p) = &raw.prompt {
+                if p.is_empty() {
+                    return Err(err("prompt", "must not be empty".into()));
+                }
+                LineEnding::Prompt(p.clone())
+            } else {
+                let ms = raw.quiet_ms.unwrap_or_default();
+                if ms == 0 {
+                    return Err(err("quiet_ms", "must be at least 1".into()));
+                }
+                LineEnding::Quiet(Duration::from_millis(ms))
+            })
+        }
+        ProtocolKind::ClaudeStreamJson => {
+            if raw.end_marker.is_some() || raw.prompt.is_some() || raw.quiet_ms.is_some() {
+                return Err(err(
+                    "protocol",
+                    "end_marker/prompt/quiet_ms apply to `lines` only".into(),
+                ));
+            }
+            None
+        }
+    };
+    for key in raw.env.keys() {
+        if key.is_empty() || key.contains('=') {
+            return Err(err("env", format!("bad variable name {key:?}")));
+        }
+    }
+    if let Some(cwd) = &raw.cwd {
+        if !cwd.is_dir() {
+            return Err(err("cwd", format!("{} is not a directory", cwd.display())));
+        }
+    }
+    Ok(AgentProfile {
+        name: name.to_string(),
+        description: raw
+            .description
+            .unwrap_or_else(|| format!("{} ({:?})", raw.command[0], raw.protocol)),
+        command: raw.command,
+        oneshot_command: raw.oneshot_command,
+        protocol: raw.protocol,
+        ending,
+        merge_stderr: raw.merge_stderr,
+        env: raw.env,
+        pass_env: raw.pass_env,
+        cwd: raw.cwd,
+        cwd_roots: raw.cwd_roots,
+        prewarm: raw.prewarm,
+        timeout: duration("timeout", &raw.timeout, DEFAULT_TIMEOUT)?,
+        persistent: raw.persistent.unwrap_or(true),
+        stop_grace: duration("stop_grace", &raw.stop_grace, Duration::from_secs(2))?,
+        interrupt_grace: duration(
+            "interrupt_grace",
+            &raw.interrupt_grace,
+            Duration::from_secs(3),
+        )?,
+        restart_budget: raw.restart_budget.unwrap_or(5),
+        restart_window: duration(
+            "restart_window",
+            &raw.restart_window,
+            Duration::from_secs(600),
+        )?,
+        permission_relay: raw.permission_relay.unwrap_or(true),
+        permission_timeout: duration(
+            "permission_timeout",
+            &raw.permission_timeout,
+            Duration::from_secs(300),
+        )?,
+    })
+}
+
+/// The built-in `demo` profile: this binary's `demo-agent` subcommand.
+pub fn demo_profile(self_exe: &Path) -> AgentProfile {
+    let exe = self_exe.display().to_string();
+    AgentProfile {
+        name: "demo".into(),
+        description:
+            "Built-in demo agent: streams a reply word by word and remembers the conversation"
+                .into(),
+        command: vec![exe.clone(), "demo-agent".into()],
+        oneshot_command: Some(vec![exe, "demo-agent".into(), "--oneshot".into()]),
+        protocol: ProtocolKind::Lines,
+        ending: Some(LineEnding::EndMarker(
+            Regex::new(crate::demo::END_MARKER_REGEX).expect("constant regex"),
+        )),
+        merge_stderr: false,
+        env: BTreeMap::new(),
+        pass_env: vec![],
+        cwd: None,
+        cwd_roots: vec![],
+        prewarm: 0,
+        timeout: DEFAULT_TIMEOUT,
+        persistent: true,
+        stop_grace: Duration::from_secs(1),
+        interrupt_grace: Duration::from_secs(2),
+        restart_budget: 5,
+        restart_window: Duration::from_secs(600),
+        permission_relay: false,
+        permission_timeout: Duration::from_secs(300),
+    }
+}
+
+/// The built-in `claude` profile for the binary at `bin`.
+pub fn claude_profile(bin: &Path) -> AgentProfile {
+    let exe = bin.display().to_string();
+    let argv = |rest: &[&str]| -> Vec<String> {
+        std::iter::once(exe.clone())
+            .chain(rest.iter().map(|s| s.to_string()))
+            .collect()
+    };
+    AgentProfile {
+        name: "claude".into(),
+        description: "Claude Code CLI (stream-json)".into(),
+        command: argv(&[
+            "-p",
+            "--input-format",
+            "stream-json",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+            "--include-partial-messages",
+        ]),
+        oneshot_command: Some(argv(&["-p", "--output-format", "stream-json", "--verbose"])),
+        protocol: ProtocolKind::ClaudeStreamJson,
+        ending: None,
+        merge_stderr: false,
+        env: BTreeMap::new(),
+        pass_env: vec!["ANTHROPIC_*".into(), "CLAUDE_*".into(), "DISABLE_*".into()],
+        cwd: None,
+        cwd_roots: vec![],
+        prewarm: 0,
+        timeout: DEFAULT_TIMEOUT,
+        persistent: true,
+        // The CLI flushes its transcript after stdin closes; --resume needs it.
+        stop_grace: Duration::from_secs(5),
+        interrupt_grace: Duration::from_secs(5),
+        restart_budget: 5,
+        restart_window: Duration::from_secs(600),
+        permission_relay: true,
+        permission_timeout: Duration::from_secs(300),
+    }
+}
+
+/// `AGENTGATE_CLAUDE_BIN`, else `claude` on `PATH`.
+pub fn find_claude() -> Option<PathBuf> {
+    if let Some(bin) = std::env::var_os("AGENTGATE_CLAUDE_BIN") {
+        let bin = PathBuf::from(bin);
+        return bin.is_file().then_some(bin);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("claude"))
+        .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<BTreeMap<String, AgentProfile>, String> {
+        parse_profiles("t.toml", text)
+            .map(|(p, _)| p)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn spec_example_parses() {
+        let p = parse(
+            r#"
+            [agents.python]
+            command = ["python3", "-i", "-q", "-u"]
+            protocol = "lines"
+            prompt = ">>> "
+            oneshot_command = ["python3", "-q", "-u", "-"]
+            env = { PYTHONIOENCODING = "utf-8" }
+            pass_env = ["LANG"]
+            prewarm = 0
+            timeout = "10m"
+            "#,
+        )
+        .unwrap();
+        let py = &p["python"];
+        assert!(matches!(py.ending, Some(LineEnding::Prompt(ref s)) if s == ">>> "));
+        assert_eq!(py.timeout, Duration::from_secs(600));
+        assert_eq!(py.env["PYTHONIOENCODING"], "utf-8");
+    }
+
+    #[test]
+    fn errors_name_file_profile_and_field() {
+        let e = parse("[agents.x]\ncommand=[\"a\"]\nprotocol=\"lines\"\nend_marker=\"(\"\n")
+            .unwrap_err();
+        assert!(
+            e.starts_with("t.toml: agents.x.end_marker: bad regex"),
+            "{e}"
+        );
+        let e = parse("[agents.x]\ncommand=[\"a\"]\nprotocol=\"lines\"\n").unwrap_err();
+        assert!(e.contains("agents.x.protocol"), "{e}");
+        let e = parse(
+            "[agents.x]\ncommand=[\"a\"]\nprotocol=\"lines\"\nquiet_ms=5\ntimeout=\"soon\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("agents.x.timeout"), "{e}");
+        let e = parse("[agents.x]\ncommand=[\"a\"]\nprotocol=\"lines\"\nquiet_ms=5\ncomand=1\n")
+            .unwrap_err();
+        assert!(e.contains("unknown field") && e.contains("line"), "{e}");
+        let e = parse("[agents.x]\ncommand=[]\nprotocol=\"lines\"\nquiet_ms=5\n").unwrap_err();
+        assert!(e.contains("agents.x.command"), "{e}");
+    }
+
+    #[test]
+    fn durations_read_like_people_write_them() {
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert!(parse_duration("fast").is_err());
+    }
+}

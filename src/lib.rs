@@ -1,0 +1,78 @@
+//! agentgate puts conversational command-line programs — first of all the
+//! Claude Code CLI — behind an HTTP REST + Server-Sent-Events API. Each
+//! session owns one long-lived child process, so a conversation's next
+//! message costs a pipe write instead of a process start.
+//!
+//! # Layout
+//! - [`config`] — flags (clap, `AGENTGATE_*` env), TOML agent profiles, the built-in `demo` and `claude` profiles.
+//! - [`error`] — the one API error type; every variant names its HTTP status.
+//! - [`model`] — the JSON types of the API (what `openapi.yaml` describes).
+//! - [`process`] — spawning children in their own process group, reading their pipes, stopping them.
+//! - [`protocol`] — pure adapters: how input is framed and how output becomes text, events and the end of a reply (`lines`, `claude-stream-json`).
+//! - [`session`] — the registry of handles, the task that owns each child, the event log with replay, the reaper.
+//! - [`oneshot`] — one process per request.
+//! - [`http`] — warp routes, handlers, SSE, problem+json.
+//! - [`demo`] — the built-in demo agent (`agentgate demo-agent`).
+
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod http;
+pub mod model;
+pub mod oneshot;
+pub mod process;
+pub mod protocol;
+pub mod session;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+use http::AppState;
+use session::Registry;
+
+/// Serves the API on `listener` until `shutdown` completes; then fails
+/// running messages with `shutdown`, ends every child's process group, ends
+/// open SSE streams, and returns.
+pub async fn serve(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let registry = Registry::new(Arc::new(config));
+    let token = CancellationToken::new();
+    let reaper = tokio::spawn(session::reaper::run(registry.clone(), token.clone()));
+    let state = AppState {
+        registry: registry.clone(),
+        shutdown: token.clone(),
+    };
+    let routes = http::routes(state);
+    let stop_registry = registry.clone();
+    let stop_token = token.clone();
+    warp::serve(routes)
+        .incoming(listener)
+        .graceful(async move {
+            shutdown.await;
+            tracing::info!("shutting down: closing sessions and their children");
+            stop_registry.shutdown().await;
+            // After the sessions: their last events reach SSE clients before the streams end.
+            stop_token.cancel();
+        })
+        .run()
+        .await;
+    token.cancel();
+    let _ = reaper.await;
+    // A request that raced the shutdown may have created a session; close it too.
+    registry.shutdown().await;
+    tracing::info!("stopped");
+}
+
+/// Binds `config.listen`.
+pub async fn bind(config: &Config) -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    Ok((listener, addr))
+}

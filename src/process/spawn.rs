@@ -1,0 +1,122 @@
+//! Starting a child: argv, clean environment, own process group, pipes.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::pipe;
+use tokio::sync::mpsc;
+
+use super::{reader, ChildProcess};
+use crate::config::AgentProfile;
+
+/// Variables every child gets from the gateway's environment.
+const BASE_ENV: &[&str] = &["PATH", "HOME", "LANG", "TMPDIR", "USER"];
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct SpawnSpec {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// The complete environment of the child.
+    pub env: Vec<(String, String)>,
+    /// Working directory.
+    pub cwd: Option<PathBuf>,
+    /// One pipe for stdout and stderr.
+    pub merge_stderr: bool,
+}
+
+/// The clean environment for a child of `profile`: the base allowlist, then
+/// `pass_env` names or `NAME_*` patterns from the gateway's environment, then
+/// the profile's `env`.
+pub fn child_env(profile: &AgentProfile) -> Vec<(String, String)> {
+    let mut env = BTreeMap::new();
+    for (key, value) in std::env::vars() {
+        let passed = BASE_ENV.contains(&key.as_str())
+            || profile.pass_env.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => key.starts_with(prefix),
+                None => *p == key,
+            });
+        if passed {
+            env.insert(key, value);
+        }
+    }
+    for (key, value) in &profile.env {
+        env.insert(key.clone(), value.clone());
+    }
+    env.into_iter().collect()
+}
+
+pub(super) fn spawn(spec: &SpawnSpec) -> io::Result<ChildProcess> {
+    let (program, args) = spec
+        .argv
+        .split_first()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty argv"))?;
+    let (out_read, out_write) = io::pipe()?;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .process_group(0);
+    let err_read = if spec.merge_stderr {
+        cmd.stderr(Stdio::from(out_write.try_clone()?));
+        None
+    } else {
+        let (err_read, err_write) = io::pipe()?;
+        cmd.stderr(Stdio::from(err_write));
+        Some(err_read)
+    };
+    cmd.stdout(Stdio::from(out_write));
+    if let Some(cwd) = &spec.cwd {
+        cmd.current_dir(cwd);
+    }
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            // If the gateway dies without cleaning up, the leader dies with it.
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(io::Error::from)
+        });
+    }
+    let mut child = cmd.spawn()?;
+    // The write ends live in `cmd`; drop them so EOF arrives when the child's copies close.
+    drop(cmd);
+    let pid = child
+        .id()
+        .ok_or_else(|| io::Error::other("child exited before its pid was read"))?;
+    let stdout = pipe::Receiver::from_owned_fd(OwnedFd::from(out_read))?;
+    let stderr = err_read
+        .map(|r| pipe::Receiver::from_owned_fd(OwnedFd::from(r)))
+        .transpose()?;
+    let (out_tx, out_rx) = mpsc::channel(64);
+    tokio::spawn(reader::read(stdout, stderr, out_tx));
+    let stdin = child.stdin.take().expect("stdin was piped");
+    let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Bytes>();
+    tokio::spawn(async move {
+        let mut stdin = stdin;
+        while let Some(bytes) = in_rx.recv().await {
+            if let Err(e) = stdin.write_all(&bytes).await {
+                tracing::debug!(pid, error = %e, "stdin write failed");
+                break;
+            }
+            let _ = stdin.flush().await;
+        }
+    });
+    tracing::debug!(pid, argv = ?spec.argv, "spawned");
+    Ok(ChildProcess {
+        child,
+        pid,
+        stdin: Some(in_tx),
+        output: out_rx,
+        output_open: true,
+        status: None,
+        exit_reported: false,
+        drain_until: None,
+        group_gone: false,
+    })
+}

@@ -1,0 +1,338 @@
+//! The `claude-stream-json` protocol of the Claude Code CLI.
+//!
+//! Input is one JSON line per message. Every stdout line is a JSON event and
+//! is forwarded verbatim; `stream_event` text deltas become reply text; the
+//! `result` line ends the reply. A line may be many MiB long, so lines are
+//! collected without a cap (the session's output limit bounds a reply). A
+//! stdout line that is not JSON is logged as a protocol error and skipped.
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use super::{Adapter, Outcome, Signal};
+use crate::model::{FailureCode, PermissionBehavior, PermissionDecision};
+
+/// Adapter for the Claude Code CLI in stream-json mode.
+#[derive(Debug, Default)]
+pub struct StreamJson {
+    line: Vec<u8>,
+    /// Where the search for the next newline resumes (lines can be huge).
+    scanned: usize,
+    /// Whether this reply has streamed text deltas (`--include-partial-messages`).
+    saw_partial: bool,
+    next_request: u64,
+    /// One-shot mode: the content is written as plain text (the prompt), not as a JSON line.
+    plain_input: bool,
+}
+
+impl StreamJson {
+    /// Adapter for a persistent child.
+    pub fn new() -> StreamJson {
+        StreamJson::default()
+    }
+
+    /// Adapter for a one-shot run: same events, the content is the prompt itself.
+    pub fn oneshot() -> StreamJson {
+        StreamJson {
+            plain_input: true,
+            ..StreamJson::default()
+        }
+    }
+
+    fn line(&mut self, line: &[u8], out: &mut Vec<Signal>) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        let event: Value = match serde_json::from_slice(line) {
+            Ok(v) => v,
+            Err(e) => {
+                let shown = String::from_utf8_lossy(&line[..line.len().min(200)]);
+                tracing::warn!(error = %e, line = %shown, "protocol error: stdout line is not JSON");
+                return;
+            }
+        };
+        let kind = event.get("type").and_then(Value::as_str).unwrap_or("");
+        match kind {
+            "system" => {
+                if let Some(id) = event.get("session_id").and_then(Value::as_str) {
+                    out.push(Signal::AgentSessionId(id.to_string()));
+                }
+            }
+            "stream_event" => {
+                let e = &event["event"];
+                if e["type"] == "content_block_delta" && e["delta"]["type"] == "text_delta" {
+                    if let Some(text) = e["delta"]["text"].as_str() {
+                        self.saw_partial = true;
+                        out.push(Signal::Delta(text.to_string()));
+                    }
+                }
+            }
+            "assistant" if !self.saw_partial => {
+                // Without --include-partial-messages, whole messages carry the text.
+                if let Some(blocks) = event["message"]["content"].as_array() {
+                    for b in blocks {
+                        if b["type"] == "text" {
+                            if let Some(text) = b["text"].as_str() {
+                                out.push(Signal::Delta(text.to_string()));
+                            }
+                        }
+                    }
+                }
+            }
+            "control_request" => {
+                let req = &event["request"];
+                if req["subtype"] == "can_use_tool" {
+                    if let Some(id) = event["request_id"].as_str() {
+                        out.push(Signal::PermissionRequest {
+                            request_id: id.to_string(),
+                            tool_name: req["tool_name"].as_str().unwrap_or("").to_string(),
+                            input: req.get("input").cloned().unwrap_or(Value::Null),
+                        });
+                    }
+                }
+            }
+            "control_cancel_request" => {
+                if let Some(id) = event["request_id"].as_str() {
+                    out.push(Signal::PermissionCancelled(id.to_string()));
+                }
+            }
+            _ => {}
+        }
+        let result = (kind == "result").then(|| outcome_of(&event));
+        if let Some(id) = (kind == "result")
+            .then(|| event.get("session_id").and_then(Value::as_str))
+            .flatten()
+        {
+            out.push(Signal::AgentSessionId(id.to_string()));
+        }
+        out.push(Signal::AgentEvent(event));
+        if let Some(outcome) = result {
+            self.saw_partial = false;
+            out.push(Signal::Done(outcome));
+        }
+    }
+}
+
+/// The outcome a `result` line reports.
+fn outcome_of(event: &Value) -> Outcome {
+    let mut usage = serde_json::Map::new();
+    for key in [
+        "usage",
+        "total_cost_usd",
+        "duration_ms",
+        "duration_api_ms",
+        "num_turns",
+        "modelUsage",
+    ] {
+        if let Some(v) = event.get(key) {
+            usage.insert(key.to_string(), v.clone());
+        }
+    }
+    let usage = (!usage.is_empty()).then_some(Value::Object(usage));
+    let text = event
+        .get("result")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let result = if event["is_error"].as_bool().unwrap_or(false) {
+        let subtype = event["subtype"].as_str().unwrap_or("error");
+        let detail = match (&text, event.get("errors")) {
+            (Some(t), _) if !t.is_empty() => format!("{subtype}: {t}"),
+            (_, Some(errors)) => format!("{subtype}: {errors}"),
+            _ => subtype.to_string(),
+        };
+        Err((FailureCode::AgentError, detail))
+    } else {
+        Ok(text)
+    };
+    Outcome { result, usage }
+}
+
+impl Adapter for StreamJson {
+    fn frame(&mut self, content: &str) -> Bytes {
+        self.saw_partial = false;
+        if self.plain_input {
+            return Bytes::copy_from_slice(content.as_bytes());
+        }
+        let mut line = serde_json::to_vec(&json!({
+            "type": "user",
+            "message": {"role": "user", "content": content},
+        }))
+        .expect("a JSON value serialises");
+        line.push(b'\n');
+        Bytes::from(line)
+    }
+
+    fn stdout(&mut self, chunk: &[u8], out: &mut Vec<Signal>) {
+        self.line.extend_from_slice(chunk);
+        let mut start = 0;
+        let mut search = self.scanned;
+        while let Some(pos) = self.line[search..].iter().position(|b| *b == b'\n') {
+            let end = search + pos;
+            let line = self.line[start..end].to_vec();
+            self.line(&line, out);
+            start = end + 1;
+            search = start;
+        }
+        self.line.drain(..start);
+        self.scanned = self.line.len();
+    }
+
+    fn stderr(&mut self, _chunk: &[u8], _out: &mut Vec<Signal>) {}
+
+    fn eof(&mut self, out: &mut Vec<Signal>) {
+        if !self.line.is_empty() {
+            let line = std::mem::take(&mut self.line);
+            self.scanned = 0;
+            self.line(&line, out);
+        }
+    }
+
+    fn interrupt(&mut self) -> Option<Bytes> {
+        self.next_request += 1;
+        let mut line = serde_json::to_vec(&json!({
+            "type": "control_request",
+            "request_id": format!("agentgate-interrupt-{}", self.next_request),
+            "request": {"subtype": "interrupt"},
+        }))
+        .expect("a JSON value serialises");
+        line.push(b'\n');
+        Some(Bytes::from(line))
+    }
+
+    fn permission_answer(
+        &mut self,
+        request_id: &str,
+        input: &Value,
+        decision: &PermissionDecision,
+    ) -> Option<Bytes> {
+        // The CLI rejects an allow without updatedInput and a deny without message.
+        let response = match decision.behavior {
+            PermissionBehavior::Allow => json!({"behavior": "allow", "updatedInput": input}),
+            PermissionBehavior::Deny => json!({
+                "behavior": "deny",
+                "message": decision.message.clone().unwrap_or_else(|| "denied by the user".into()),
+            }),
+        };
+        let mut line = serde_json::to_vec(&json!({
+            "type": "control_response",
+            "response": {"subtype": "success", "request_id": request_id, "response": response},
+        }))
+        .expect("a JSON value serialises");
+        line.push(b'\n');
+        Some(Bytes::from(line))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(a: &mut StreamJson, text: &str) -> Vec<Signal> {
+        let mut out = vec![];
+        a.stdout(text.as_bytes(), &mut out);
+        out
+    }
+
+    #[test]
+    fn deltas_agent_events_and_result() {
+        let mut a = StreamJson::new();
+        a.frame("hi");
+        let init = r#"{"type":"system","subtype":"init","session_id":"s-1"}"#;
+        let delta = r#"{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hel"}}}"#;
+        let assistant =
+            r#"{"type":"assistant","message":{"content":[{"type":"text","text":"Hello"}]}}"#;
+        let result = r#"{"type":"result","subtype":"success","is_error":false,"result":"Hello","session_id":"s-1","usage":{"input_tokens":3},"total_cost_usd":0.1}"#;
+        let all = format!("{init}\n{delta}\n{assistant}\n{result}\n");
+        // Byte by byte: lines split anywhere must parse the same.
+        let mut out = vec![];
+        for b in all.as_bytes() {
+            a.stdout(&[*b], &mut out);
+        }
+        assert_eq!(out[0], Signal::AgentSessionId("s-1".into()));
+        assert!(out.contains(&Signal::Delta("Hel".into())));
+        assert!(
+            !out.contains(&Signal::Delta("Hello".into())),
+            "no double text with partials"
+        );
+        let agent_events = out
+            .iter()
+            .filter(|s| matches!(s, Signal::AgentEvent(_)))
+            .count();
+        assert_eq!(agent_events, 4);
+        match out.last().unwrap() {
+            Signal::Done(o) => {
+                assert_eq!(o.result, Ok(Some("Hello".into())));
+                assert_eq!(o.usage.as_ref().unwrap()["usage"]["input_tokens"], 3);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn error_result_fails_and_garbage_is_skipped() {
+        let mut a = StreamJson::new();
+        let out = feed(
+            &mut a,
+            "not json\n{\"type\":\"result\",\"subtype\":\"error_during_execution\",\"is_error\":true}\n",
+        );
+        match out.last().unwrap() {
+            Signal::Done(o) => {
+                assert_eq!(o.result.as_ref().unwrap_err().0, FailureCode::AgentError)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn permission_request_and_answers() {
+        let mut a = StreamJson::new();
+        let out = feed(
+            &mut a,
+            r#"{"type":"control_request","request_id":"r1","request":{"subtype":"can_use_tool","tool_name":"Bash","input":{"command":"touch x"}}}
+"#,
+        );
+        assert!(
+            matches!(&out[0], Signal::PermissionRequest { request_id, tool_name, .. } if request_id == "r1" && tool_name == "Bash")
+        );
+        let input = json!({"command": "touch x"});
+        let allow = a
+            .permission_answer(
+                "r1",
+                &input,
+                &PermissionDecision {
+                    behavior: PermissionBehavior::Allow,
+                    message: None,
+                },
+            )
+            .unwrap();
+        let v: Value = serde_json::from_slice(&allow).unwrap();
+        assert_eq!(v["response"]["response"]["updatedInput"], input);
+        assert_eq!(v["response"]["request_id"], "r1");
+        let deny = a
+            .permission_answer(
+                "r1",
+                &input,
+                &PermissionDecision {
+                    behavior: PermissionBehavior::Deny,
+                    message: None,
+                },
+            )
+            .unwrap();
+        let v: Value = serde_json::from_slice(&deny).unwrap();
+        assert_eq!(v["response"]["response"]["behavior"], "deny");
+        assert!(v["response"]["response"]["message"].is_string());
+    }
+
+    #[test]
+    fn a_huge_line_is_one_event() {
+        let mut a = StreamJson::new();
+        let big = "x".repeat(3 << 20);
+        let line = format!("{{\"type\":\"assistant\",\"message\":{{\"content\":[{{\"type\":\"text\",\"text\":\"{big}\"}}]}}}}\n");
+        let mut out = vec![];
+        for chunk in line.as_bytes().chunks(65536) {
+            a.stdout(chunk, &mut out);
+        }
+        assert!(matches!(&out[0], Signal::Delta(t) if t.len() == big.len()));
+    }
+}

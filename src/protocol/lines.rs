@@ -1,0 +1,310 @@
+//! The `lines` protocol: text in, text out.
+//!
+//! Input is the content plus `\n`. The end of a reply is a marker line
+//! (`end_marker`, a regex matched against a whole stdout line, which is not
+//! output), a prompt (a string printed with no newline after it, on stdout or
+//! stderr; one printed at start-up means "ready"), or silence (`quiet_ms`,
+//! timed by the session task).
+//!
+//! With `end_marker` the reply streams line by line: a partial line could be
+//! the start of the marker, so it is held until its newline arrives. With a
+//! prompt, only a tail that could be the start of the prompt is held back.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::utf8::Utf8Decoder;
+use super::{Adapter, Outcome, Signal};
+use crate::config::LineEnding;
+
+/// Adapter for a persistent `lines` child.
+#[derive(Debug)]
+pub struct Lines {
+    ending: LineEnding,
+    in_reply: bool,
+    /// Stdout bytes not yet emitted (a partial line, or a possible prompt start).
+    held: Vec<u8>,
+    /// The last stderr bytes, to find a prompt printed there.
+    stderr_tail: Vec<u8>,
+    decoder: Utf8Decoder,
+}
+
+impl Lines {
+    /// A new adapter ending replies by `ending`.
+    pub fn new(ending: LineEnding) -> Lines {
+        Lines {
+            ending,
+            in_reply: false,
+            held: Vec::new(),
+            stderr_tail: Vec::new(),
+            decoder: Utf8Decoder::default(),
+        }
+    }
+
+    fn emit(&mut self, bytes: &[u8], out: &mut Vec<Signal>) {
+        if !self.in_reply || bytes.is_empty() {
+            if !bytes.is_empty() {
+                tracing::debug!(bytes = bytes.len(), "output outside a reply dropped");
+            }
+            return;
+        }
+        let text = self.decoder.decode(bytes);
+        if !text.is_empty() {
+            out.push(Signal::Delta(text));
+        }
+    }
+
+    fn end(&mut self, out: &mut Vec<Signal>) {
+        if self.in_reply {
+            let rest = self.decoder.finish();
+            if !rest.is_empty() {
+                out.push(Signal::Delta(rest));
+            }
+            self.in_reply = false;
+            out.push(Signal::Done(Outcome::streamed()));
+        } else {
+            out.push(Signal::Ready);
+        }
+    }
+
+    fn stdout_marker(&mut self, re: &regex::Regex, chunk: &[u8], out: &mut Vec<Signal>) {
+        let scan_from = self.held.len();
+        self.held.extend_from_slice(chunk);
+        let mut start = 0;
+        let mut emit_to = 0;
+        let mut search = scan_from;
+        while let Some(pos) = self.held[search..].iter().position(|b| *b == b'\n') {
+            let end = search + pos;
+            let line = &self.held[start..end];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if re.is_match(&String::from_utf8_lossy(line)) {
+                let before = self.held[emit_to..start].to_vec();
+                self.emit(&before, out);
+                self.end(out);
+                emit_to = end + 1;
+            }
+            start = end + 1;
+            search = start;
+        }
+        let ready = self.held[emit_to..start].to_vec();
+        self.emit(&ready, out);
+        self.held.drain(..start);
+    }
+
+    fn stdout_prompt(&mut self, prompt: &[u8], chunk: &[u8], out: &mut Vec<Signal>) {
+        self.held.extend_from_slice(chunk);
+        if self.held.ends_with(prompt) {
+            let body = self.held[..self.held.len() - prompt.len()].to_vec();
+            self.held.clear();
+            self.emit(&body, out);
+            self.end(out);
+            return;
+        }
+        let keep = partial_suffix(&self.held, prompt);
+        let body: Vec<u8> = self.held.drain(..self.held.len() - keep).collect();
+        self.emit(&body, out);
+    }
+}
+
+/// Length of the longest proper suffix of `data` that is a prefix of `pat`.
+fn partial_suffix(data: &[u8], pat: &[u8]) -> usize {
+    let max = (pat.len() - 1).min(data.len());
+    (1..=max)
+        .rev()
+        .find(|&n| data.ends_with(&pat[..n]))
+        .unwrap_or(0)
+}
+
+impl Adapter for Lines {
+    fn frame(&mut self, content: &str) -> Bytes {
+        self.in_reply = true;
+        let mut input = content.as_bytes().to_vec();
+        if !input.ends_with(b"\n") {
+            input.push(b'\n');
+        }
+        Bytes::from(input)
+    }
+
+    fn stdout(&mut self, chunk: &[u8], out: &mut Vec<Signal>) {
+        match self.ending.clone() {
+            LineEnding::EndMarker(re) => self.stdout_marker(&re, chunk, out),
+            LineEnding::Prompt(p) => self.stdout_prompt(p.as_bytes(), chunk, out),
+            LineEnding::Quiet(_) => self.emit(chunk, out),
+        }
+    }
+
+    fn stderr(&mut self, chunk: &[u8], out: &mut Vec<Signal>) {
+        let LineEnding::Prompt(prompt) = &self.ending else {
+            return;
+        };
+        let prompt = prompt.as_bytes().to_vec();
+        self.stderr_tail.extend_from_slice(chunk);
+        if self.stderr_tail.ends_with(&prompt) {
+            self.stderr_tail.clear();
+            // A prompt on stderr: what stdout held back is output after all.
+            let held = std::mem::take(&mut self.held);
+            self.emit(&held, out);
+            self.end(out);
+        } else {
+            let keep = self.stderr_tail.len().saturating_sub(prompt.len());
+            self.stderr_tail.drain(..keep);
+        }
+    }
+
+    fn needs_ready(&self) -> bool {
+        matches!(self.ending, LineEnding::Prompt(_))
+    }
+
+    fn quiet_after(&self) -> Option<Duration> {
+        match self.ending {
+            LineEnding::Quiet(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    fn quiet(&mut self, out: &mut Vec<Signal>) {
+        if self.in_reply {
+            self.end(out);
+        }
+    }
+
+    fn eof(&mut self, out: &mut Vec<Signal>) {
+        let held = std::mem::take(&mut self.held);
+        self.emit(&held, out);
+        let rest = self.decoder.finish();
+        if self.in_reply && !rest.is_empty() {
+            out.push(Signal::Delta(rest));
+        }
+    }
+}
+
+/// Adapter for a one-shot `lines` run: all stdout is reply text; the reply
+/// ends when the process exits.
+#[derive(Debug, Default)]
+pub struct Passthrough {
+    decoder: Utf8Decoder,
+}
+
+impl Adapter for Passthrough {
+    fn frame(&mut self, content: &str) -> Bytes {
+        let mut input = content.as_bytes().to_vec();
+        if !input.ends_with(b"\n") {
+            input.push(b'\n');
+        }
+        Bytes::from(input)
+    }
+
+    fn stdout(&mut self, chunk: &[u8], out: &mut Vec<Signal>) {
+        let text = self.decoder.decode(chunk);
+        if !text.is_empty() {
+            out.push(Signal::Delta(text));
+        }
+    }
+
+    fn stderr(&mut self, _chunk: &[u8], _out: &mut Vec<Signal>) {}
+
+    fn eof(&mut self, out: &mut Vec<Signal>) {
+        let rest = self.decoder.finish();
+        if !rest.is_empty() {
+            out.push(Signal::Delta(rest));
+        }
+        out.push(Signal::Done(Outcome::streamed()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use regex::Regex;
+
+    fn text(signals: &[Signal]) -> String {
+        signals
+            .iter()
+            .filter_map(|s| match s {
+                Signal::Delta(t) => Some(t.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn done(signals: &[Signal]) -> usize {
+        signals
+            .iter()
+            .filter(|s| matches!(s, Signal::Done(_)))
+            .count()
+    }
+
+    #[test]
+    fn end_marker_line_ends_the_reply_and_is_not_output() {
+        let mut a = Lines::new(LineEnding::EndMarker(Regex::new("^__END__$").unwrap()));
+        let mut out = vec![];
+        a.frame("hi");
+        a.stdout(b"hello\nwor", &mut out);
+        assert_eq!(text(&out), "hello\n");
+        a.stdout(b"ld\n__EN", &mut out);
+        assert_eq!(done(&out), 0);
+        a.stdout(b"D__\n", &mut out);
+        assert_eq!(text(&out), "hello\nworld\n");
+        assert_eq!(done(&out), 1);
+    }
+
+    #[test]
+    fn marker_split_byte_by_byte_with_crlf() {
+        let mut a = Lines::new(LineEnding::EndMarker(Regex::new("^END$").unwrap()));
+        let mut out = vec![];
+        a.frame("x");
+        for b in "안녕\r\nEND\r\n".as_bytes() {
+            a.stdout(&[*b], &mut out);
+        }
+        assert_eq!(text(&out), "안녕\r\n");
+        assert_eq!(done(&out), 1);
+    }
+
+    #[test]
+    fn startup_prompt_means_ready_and_reply_prompt_means_done() {
+        let mut a = Lines::new(LineEnding::Prompt(">>> ".into()));
+        let mut out = vec![];
+        a.stderr(b">>> ", &mut out);
+        assert_eq!(out, vec![Signal::Ready]);
+        out.clear();
+        a.frame("print(42)");
+        a.stdout(b"42\n>", &mut out);
+        assert_eq!(text(&out), "42\n");
+        a.stdout(b">> ", &mut out);
+        assert_eq!(done(&out), 1);
+        assert_eq!(text(&out), "42\n");
+    }
+
+    #[test]
+    fn prompt_on_stderr_releases_held_stdout() {
+        let mut a = Lines::new(LineEnding::Prompt(">>> ".into()));
+        let mut out = vec![];
+        a.frame("print('a>>')");
+        a.stdout(b"a>>", &mut out);
+        assert_eq!(text(&out), "a");
+        a.stderr(b">>", &mut out);
+        a.stderr(b"> ", &mut out);
+        assert_eq!(text(&out), "a>>");
+        assert_eq!(done(&out), 1);
+    }
+
+    #[test]
+    fn quiet_mode_streams_everything() {
+        let mut a = Lines::new(LineEnding::Quiet(Duration::from_millis(10)));
+        let mut out = vec![];
+        a.frame("x");
+        a.stdout(&"é".as_bytes()[..1], &mut out);
+        a.stdout(&"é".as_bytes()[1..], &mut out);
+        a.quiet(&mut out);
+        assert_eq!(text(&out), "é");
+        assert_eq!(done(&out), 1);
+    }
+
+    #[test]
+    fn partial_suffix_finds_prompt_starts() {
+        assert_eq!(partial_suffix(b"abc>>", b">>> "), 2);
+        assert_eq!(partial_suffix(b"abc", b">>> "), 0);
+        assert_eq!(partial_suffix(b">", b">>> "), 1);
+    }
+}

@@ -1,0 +1,796 @@
+//! The task that owns one session's child.
+//!
+//! It waits on three things at once — commands from handles, what the child
+//! prints (or its exit), and the next deadline (message timeout, kill after
+//! an interrupt, `quiet_ms` silence, start-up readiness, unanswered
+//! permission prompts) — and every state change of the session happens here.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::Signal as Sig;
+use serde_json::{json, Value};
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::{CloseReason, Command, Registry, SessionShared};
+use crate::config::ProtocolKind;
+use crate::error::ApiError;
+use crate::model::{
+    FailureCode, Message, MessageError, MessageStatus, PermissionBehavior, PermissionDecision,
+    SessionState,
+};
+use crate::process::{child_env, describe_exit, ChildEvent, ChildProcess, SpawnSpec};
+use crate::protocol::{self, Adapter, Outcome, Signal};
+
+/// How much of stderr is kept for error details.
+const STDERR_TAIL: usize = 4096;
+/// Longest wait for a child's start-up prompt.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Child {
+    proc: ChildProcess,
+    adapter: Box<dyn Adapter>,
+    ready: bool,
+    ready_deadline: Instant,
+}
+
+struct Queued {
+    id: Uuid,
+    content: String,
+    timeout: Duration,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    Interrupted,
+    Timeout,
+    OutputLimit,
+}
+
+struct Current {
+    id: Uuid,
+    started: Instant,
+    deadline: Instant,
+    output: String,
+    last_output: Instant,
+    stop: Option<StopReason>,
+    kill_at: Option<Instant>,
+}
+
+struct Pending {
+    input: Value,
+    deadline: Instant,
+}
+
+enum Wake {
+    Command(Option<Command>),
+    Child(ChildEvent),
+    Timer,
+}
+
+pub(super) struct Actor {
+    shared: Arc<SessionShared>,
+    registry: Arc<Registry>,
+    rx: mpsc::Receiver<Command>,
+    queue: VecDeque<Queued>,
+    child: Option<Child>,
+    current: Option<Current>,
+    stderr_tail: Vec<u8>,
+    exits: VecDeque<Instant>,
+    permissions: HashMap<String, Pending>,
+    closed: bool,
+}
+
+impl Actor {
+    pub(super) fn new(
+        shared: Arc<SessionShared>,
+        registry: Arc<Registry>,
+        rx: mpsc::Receiver<Command>,
+    ) -> Actor {
+        Actor {
+            shared,
+            registry,
+            rx,
+            queue: VecDeque::new(),
+            child: None,
+            current: None,
+            stderr_tail: Vec::new(),
+            exits: VecDeque::new(),
+            permissions: HashMap::new(),
+            closed: false,
+        }
+    }
+
+    pub(super) async fn run(mut self) {
+        while !self.closed {
+            let deadline = self.next_deadline();
+            let wake = {
+                let child = self.child.as_mut().map(|c| &mut c.proc);
+                tokio::select! {
+                    cmd = self.rx.recv() => Wake::Command(cmd),
+                    ev = async move {
+                        match child {
+                            Some(p) => p.next_event().await,
+                            None => std::future::pending().await,
+                        }
+                    } => Wake::Child(ev),
+                    _ = async {
+                        match deadline {
+                            Some(d) => tokio::time::sleep_until(d).await,
+                            None => std::future::pending().await,
+                        }
+                    } => Wake::Timer,
+                }
+            };
+            match wake {
+                Wake::Command(Some(cmd)) => self.command(cmd).await,
+                // Every handle is gone: nobody can reach this session any more.
+                Wake::Command(None) => self.close(CloseReason::Shutdown).await,
+                Wake::Child(ev) => self.child_event(ev).await,
+                Wake::Timer => self.timers().await,
+            }
+        }
+        self.registry.forget(self.shared.id);
+    }
+
+    fn touch(&self) {
+        let mut s = self.shared.status();
+        s.last_activity = Instant::now();
+        s.last_activity_at = OffsetDateTime::now_utc();
+    }
+
+    fn publish(&self, name: &'static str, message_id: Option<Uuid>, data: Value) {
+        self.shared.log.publish(name, message_id, &data);
+    }
+
+    fn set_state(&self, state: SessionState, reason: Option<&str>) {
+        let pid = self.child.as_ref().map(|c| c.proc.pid());
+        {
+            let mut s = self.shared.status();
+            if s.state == state && s.pid == pid && reason.is_none() {
+                return;
+            }
+            s.state = state;
+            s.pid = pid;
+        }
+        let mut data = json!({ "state": state });
+        if let Some(pid) = pid {
+            data["pid"] = json!(pid);
+        }
+        if let Some(reason) = reason {
+            data["reason"] = json!(reason);
+        }
+        tracing::debug!(session_id = %self.shared.id, ?state, ?reason, "state");
+        self.publish("session.state", None, data);
+    }
+
+    fn update_message(&self, id: Uuid, f: impl FnOnce(&mut Message)) {
+        let mut s = self.shared.status();
+        if let Some(i) = s.index.get(&id).copied() {
+            f(&mut s.messages[i]);
+        }
+    }
+
+    async fn command(&mut self, cmd: Command) {
+        // The reaper's own request must not count as activity.
+        if !matches!(cmd, Command::Suspend { .. }) {
+            self.touch();
+        }
+        match cmd {
+            Command::Start { reply } => {
+                if self.shared.profile.persistent && self.child.is_none() {
+                    if let Err(e) = self.spawn_child() {
+                        tracing::warn!(session_id = %self.shared.id, error = %e, "spawn failed");
+                        self.set_state(SessionState::Suspended, Some("spawn_failed"));
+                    }
+                }
+                let _ = reply.send(());
+            }
+            Command::Send {
+                content,
+                timeout,
+                reply,
+            } => {
+                let result = self.enqueue(content, timeout);
+                let id = result.as_ref().ok().map(|m| m.id);
+                if id.is_some() {
+                    self.try_start_next().await;
+                }
+                // Answer with the message as it stands now (queued or running).
+                let result = result.map(|m| self.shared.message(m.id).unwrap_or(m));
+                let _ = reply.send(result);
+            }
+            Command::Interrupt { reply } => {
+                let result = if let Some(id) = self.current.as_ref().map(|c| c.id) {
+                    self.request_stop(StopReason::Interrupted);
+                    Ok(id)
+                } else {
+                    Err(ApiError::Conflict("no message is running".into()))
+                };
+                let _ = reply.send(result);
+            }
+            Command::Permission {
+                request_id,
+                decision,
+                reply,
+            } => {
+                let _ = reply.send(self.answer_permission(&request_id, &decision));
+            }
+            Command::Suspend { reason, idle_for } => {
+                let idle = self.current.is_none() && self.queue.is_empty() && self.child.is_some();
+                let long_enough = idle_for.is_none_or(|d| self.shared.idle_info().1 >= d);
+                if idle && long_enough {
+                    self.stop_child().await;
+                    self.set_state(SessionState::Suspended, Some(reason));
+                    if reason == "idle" {
+                        tracing::info!(session_id = %self.shared.id, "idle child reaped");
+                    }
+                }
+            }
+            Command::Close { reason, reply } => {
+                self.close(reason).await;
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    fn enqueue(&mut self, content: String, timeout: Option<Duration>) -> Result<Message, ApiError> {
+        let max_queue = self.registry.config.max_queue;
+        let busy = self.current.is_some() || !self.queue.is_empty();
+        if busy && self.queue.len() >= max_queue {
+            return Err(ApiError::TooManyRequests {
+                detail: format!(
+                    "{} messages are already waiting in this session (max_queue = {max_queue})",
+                    self.queue.len()
+                ),
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        let id = Uuid::new_v4();
+        let message = Message {
+            id,
+            session_id: self.shared.id,
+            input: content.clone(),
+            output: String::new(),
+            status: MessageStatus::Queued,
+            error: None,
+            created_at: OffsetDateTime::now_utc(),
+            started_at: None,
+            finished_at: None,
+            duration_ms: None,
+            usage: None,
+            fallback: false,
+        };
+        let position = self.queue.len() + usize::from(self.current.is_some());
+        {
+            let mut s = self.shared.status();
+            let at = s.messages.len();
+            s.index.insert(id, at);
+            s.messages.push(message.clone());
+            s.queued = self.queue.len() + 1;
+        }
+        self.queue.push_back(Queued {
+            id,
+            content,
+            timeout: timeout.unwrap_or(self.shared.profile.timeout),
+        });
+        self.publish(
+            "message.queued",
+            Some(id),
+            json!({"message_id": id, "position": position}),
+        );
+        Ok(message)
+    }
+
+    fn sync_queued(&self) {
+        self.shared.status().queued = self.queue.len();
+    }
+
+    /// Starts the next queued message if the child is free (starting one if needed).
+    async fn try_start_next(&mut self) {
+        loop {
+            if self.closed || self.current.is_some() {
+                return;
+            }
+            if self.queue.is_empty() {
+                if self.child.as_ref().is_some_and(|c| c.ready) {
+                    self.set_state(SessionState::Idle, None);
+                }
+                return;
+            }
+            if self.child.is_none() {
+                if let Err(e) = self.spawn_child() {
+                    let q = self.queue.pop_front().expect("non-empty");
+                    self.sync_queued();
+                    let detail = format!("cannot start {:?}: {e}", self.shared.profile.command[0]);
+                    self.fail_unstarted(q.id, FailureCode::SpawnFailed, &detail);
+                    self.set_state(SessionState::Suspended, Some("spawn_failed"));
+                    if self.record_exit() {
+                        self.close(CloseReason::Failed).await;
+                        return;
+                    }
+                    continue;
+                }
+            }
+            if !self.child.as_ref().is_some_and(|c| c.ready) {
+                return;
+            }
+            let q = self.queue.pop_front().expect("non-empty");
+            self.sync_queued();
+            let child = self.child.as_mut().expect("checked above");
+            let input = child.adapter.frame(&q.content);
+            child.proc.write(input);
+            let now = Instant::now();
+            self.current = Some(Current {
+                id: q.id,
+                started: now,
+                deadline: now + q.timeout,
+                output: String::new(),
+                last_output: now,
+                stop: None,
+                kill_at: None,
+            });
+            self.stderr_tail.clear();
+            self.update_message(q.id, |m| {
+                m.status = MessageStatus::Running;
+                m.started_at = Some(OffsetDateTime::now_utc());
+            });
+            tracing::debug!(session_id = %self.shared.id, message_id = %q.id, "message started");
+            self.publish("message.started", Some(q.id), json!({"message_id": q.id}));
+            self.set_state(SessionState::Busy, None);
+            return;
+        }
+    }
+
+    fn spawn_child(&mut self) -> std::io::Result<()> {
+        let profile = &self.shared.profile;
+        let mut argv = profile.command.clone();
+        if profile.protocol == ProtocolKind::ClaudeStreamJson {
+            if let Some(id) = self.shared.status().agent_session_id.clone() {
+                argv.extend(["--resume".to_string(), id]);
+            }
+            if profile.permission_relay {
+                argv.extend(["--permission-prompt-tool".to_string(), "stdio".to_string()]);
+            }
+        }
+        self.registry.make_room(self.shared.id);
+        let proc = ChildProcess::spawn(&SpawnSpec {
+            argv,
+            env: child_env(profile),
+            cwd: self.shared.cwd.clone().or_else(|| profile.cwd.clone()),
+            merge_stderr: profile.merge_stderr,
+        })?;
+        self.registry.child_started();
+        let adapter = protocol::persistent(profile);
+        let ready = !adapter.needs_ready();
+        tracing::info!(session_id = %self.shared.id, pid = proc.pid(), "child started");
+        self.child = Some(Child {
+            proc,
+            adapter,
+            ready,
+            ready_deadline: Instant::now() + READY_TIMEOUT.min(profile.timeout),
+        });
+        self.set_state(SessionState::Starting, None);
+        if ready {
+            self.set_state(SessionState::Idle, None);
+        }
+        Ok(())
+    }
+
+    /// Records an unexpected exit; true when the restart budget is spent.
+    fn record_exit(&mut self) -> bool {
+        let profile = &self.shared.profile;
+        let now = Instant::now();
+        self.exits.push_back(now);
+        while self
+            .exits
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > profile.restart_window)
+        {
+            self.exits.pop_front();
+        }
+        self.exits.len() > profile.restart_budget
+    }
+
+    fn request_stop(&mut self, reason: StopReason) {
+        let grace = self.shared.profile.interrupt_grace;
+        let Some(cur) = self.current.as_mut() else {
+            return;
+        };
+        if cur.stop.is_some() {
+            return;
+        }
+        cur.stop = Some(reason);
+        cur.kill_at = Some(Instant::now() + grace);
+        if let Some(child) = self.child.as_mut() {
+            match child.adapter.interrupt() {
+                Some(bytes) => {
+                    child.proc.write(bytes);
+                }
+                None => child.proc.signal(Sig::SIGINT),
+            }
+        }
+    }
+
+    fn answer_permission(
+        &mut self,
+        request_id: &str,
+        decision: &PermissionDecision,
+    ) -> Result<(), ApiError> {
+        let pending = self.permissions.remove(request_id).ok_or_else(|| {
+            ApiError::NotFound(format!("no open permission request {request_id:?}"))
+        })?;
+        let child = self.child.as_mut().ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "permission request {request_id:?} expired with its child"
+            ))
+        })?;
+        if let Some(bytes) = child
+            .adapter
+            .permission_answer(request_id, &pending.input, decision)
+        {
+            child.proc.write(bytes);
+        }
+        Ok(())
+    }
+
+    async fn child_event(&mut self, ev: ChildEvent) {
+        self.touch();
+        let mut signals = Vec::new();
+        match ev {
+            ChildEvent::Stdout(bytes) => {
+                if let Some(c) = self.child.as_mut() {
+                    c.adapter.stdout(&bytes, &mut signals);
+                }
+                if let Some(cur) = self.current.as_mut() {
+                    cur.last_output = Instant::now();
+                }
+                self.apply(signals).await;
+            }
+            ChildEvent::Stderr(bytes) => {
+                self.stderr_tail.extend_from_slice(&bytes);
+                let excess = self.stderr_tail.len().saturating_sub(STDERR_TAIL);
+                self.stderr_tail.drain(..excess);
+                if let Some(c) = self.child.as_mut() {
+                    c.adapter.stderr(&bytes, &mut signals);
+                }
+                if let Some(cur) = self.current.as_mut() {
+                    cur.last_output = Instant::now();
+                }
+                self.apply(signals).await;
+            }
+            ChildEvent::Exited(status) => {
+                if let Some(c) = self.child.as_mut() {
+                    c.adapter.eof(&mut signals);
+                }
+                self.apply(signals).await;
+                self.child = None;
+                self.registry.child_stopped();
+                self.permissions.clear();
+                let exit = describe_exit(&status);
+                tracing::info!(session_id = %self.shared.id, %exit, "child exited");
+                let intentional = self.current.as_ref().is_some_and(|c| c.stop.is_some());
+                if self.current.is_some() {
+                    let tail = String::from_utf8_lossy(&self.stderr_tail)
+                        .trim_end()
+                        .to_string();
+                    let detail = if tail.is_empty() {
+                        format!("the agent exited ({exit})")
+                    } else {
+                        format!("the agent exited ({exit}); stderr: {tail}")
+                    };
+                    self.finish(Err((FailureCode::ProcessExited, detail)), None);
+                }
+                self.set_state(SessionState::Suspended, Some("exited"));
+                if !intentional && self.record_exit() {
+                    self.close(CloseReason::Failed).await;
+                    return;
+                }
+                self.try_start_next().await;
+            }
+        }
+    }
+
+    async fn apply(&mut self, signals: Vec<Signal>) {
+        for signal in signals {
+            match signal {
+                Signal::Ready => {
+                    if let Some(c) = self.child.as_mut() {
+                        c.ready = true;
+                    }
+                    self.try_start_next().await;
+                }
+                Signal::Delta(text) => {
+                    let max = self.registry.config.max_output;
+                    let Some(cur) = self.current.as_mut() else {
+                        continue;
+                    };
+                    if cur.stop == Some(StopReason::OutputLimit) {
+                        continue;
+                    }
+                    if cur.output.len() + text.len() > max {
+                        self.request_stop(StopReason::OutputLimit);
+                        // Past the cap the child is out of step: end it now.
+                        if let Some(c) = self.child.as_ref() {
+                            c.proc.signal(Sig::SIGKILL);
+                        }
+                        continue;
+                    }
+                    cur.output.push_str(&text);
+                    let id = cur.id;
+                    self.publish(
+                        "message.delta",
+                        Some(id),
+                        json!({"message_id": id, "text": text}),
+                    );
+                }
+                Signal::AgentEvent(event) => {
+                    let id = self.current.as_ref().map(|c| c.id);
+                    self.publish(
+                        "message.agent_event",
+                        id,
+                        json!({"message_id": id, "event": event}),
+                    );
+                }
+                Signal::AgentSessionId(id) => {
+                    self.shared.status().agent_session_id = Some(id);
+                }
+                Signal::PermissionRequest {
+                    request_id,
+                    tool_name,
+                    input,
+                } => {
+                    let id = self.current.as_ref().map(|c| c.id);
+                    let deadline = Instant::now() + self.shared.profile.permission_timeout;
+                    self.permissions.insert(
+                        request_id.clone(),
+                        Pending {
+                            input: input.clone(),
+                            deadline,
+                        },
+                    );
+                    self.publish(
+                        "message.permission_request",
+                        id,
+                        json!({"message_id": id, "request_id": request_id, "tool_name": tool_name, "input": input}),
+                    );
+                }
+                Signal::PermissionCancelled(request_id) => {
+                    self.permissions.remove(&request_id);
+                }
+                Signal::Done(outcome) => {
+                    if self.current.is_some() {
+                        let Outcome { result, usage } = outcome;
+                        self.finish(result, usage);
+                        self.try_start_next().await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends the current message with `result`, unless it was being stopped
+    /// (then the stop's reason wins: an interrupted reply looks like an error
+    /// to the agent but is an interruption to the client).
+    fn finish(
+        &mut self,
+        result: Result<Option<String>, (FailureCode, String)>,
+        usage: Option<Value>,
+    ) {
+        let Some(cur) = self.current.take() else {
+            return;
+        };
+        let duration_ms = cur.started.elapsed().as_millis() as u64;
+        let (status, output, error) = match (cur.stop, result) {
+            (Some(StopReason::Interrupted), _) => (
+                MessageStatus::Interrupted,
+                cur.output,
+                Some(MessageError {
+                    code: FailureCode::Interrupted,
+                    detail: "interrupted by a client".into(),
+                }),
+            ),
+            (Some(StopReason::Timeout), _) => (
+                MessageStatus::Failed,
+                cur.output,
+                Some(MessageError {
+                    code: FailureCode::Timeout,
+                    detail: format!(
+                        "no reply within {} ms",
+                        cur.deadline.duration_since(cur.started).as_millis()
+                    ),
+                }),
+            ),
+            (Some(StopReason::OutputLimit), _) => (
+                MessageStatus::Failed,
+                cur.output,
+                Some(MessageError {
+                    code: FailureCode::OutputLimit,
+                    detail: format!(
+                        "the reply exceeded {} bytes",
+                        self.registry.config.max_output
+                    ),
+                }),
+            ),
+            (None, Ok(text)) => (MessageStatus::Completed, text.unwrap_or(cur.output), None),
+            (None, Err((code, detail))) => (
+                MessageStatus::Failed,
+                cur.output,
+                Some(MessageError { code, detail }),
+            ),
+        };
+        self.update_message(cur.id, |m| {
+            m.status = status;
+            m.output = output.clone();
+            m.error = error.clone();
+            m.finished_at = Some(OffsetDateTime::now_utc());
+            m.duration_ms = Some(duration_ms);
+            m.usage = usage.clone();
+        });
+        tracing::info!(session_id = %self.shared.id, message_id = %cur.id, ?status, duration_ms, "message finished");
+        match error {
+            None => {
+                let mut data = json!({"message_id": cur.id, "output": output, "duration_ms": duration_ms, "fallback": false});
+                if let Some(usage) = usage {
+                    data["usage"] = usage;
+                }
+                self.publish("message.completed", Some(cur.id), data);
+            }
+            Some(error) => {
+                self.publish(
+                    "message.failed",
+                    Some(cur.id),
+                    json!({"message_id": cur.id, "error": error}),
+                );
+            }
+        }
+        self.permissions.clear();
+        self.shared.finished.send_modify(|n| *n += 1);
+        if self.child.as_ref().is_some_and(|c| c.ready) && self.queue.is_empty() {
+            self.set_state(SessionState::Idle, None);
+        }
+    }
+
+    /// Fails a message that never reached the agent.
+    fn fail_unstarted(&self, id: Uuid, code: FailureCode, detail: &str) {
+        let error = MessageError {
+            code,
+            detail: detail.to_string(),
+        };
+        self.update_message(id, |m| {
+            m.status = MessageStatus::Failed;
+            m.error = Some(error.clone());
+            m.finished_at = Some(OffsetDateTime::now_utc());
+        });
+        self.publish(
+            "message.failed",
+            Some(id),
+            json!({"message_id": id, "error": error}),
+        );
+        self.shared.finished.send_modify(|n| *n += 1);
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
+        if let Some(cur) = &self.current {
+            if cur.stop.is_none() {
+                consider(Some(cur.deadline));
+                if let Some(q) = self.child.as_ref().and_then(|c| c.adapter.quiet_after()) {
+                    consider(Some(cur.last_output + q));
+                }
+            }
+            consider(cur.kill_at);
+        }
+        if let Some(c) = &self.child {
+            if !c.ready {
+                consider(Some(c.ready_deadline));
+            }
+        }
+        consider(self.permissions.values().map(|p| p.deadline).min());
+        next
+    }
+
+    async fn timers(&mut self) {
+        let now = Instant::now();
+        let mut signals = Vec::new();
+        if let Some(cur) = self.current.as_mut() {
+            if cur.stop.is_none() && now >= cur.deadline {
+                tracing::info!(session_id = %self.shared.id, message_id = %cur.id, "message timed out");
+                self.request_stop(StopReason::Timeout);
+            } else if let Some(kill_at) = cur.kill_at.filter(|t| now >= *t) {
+                let _ = kill_at;
+                cur.kill_at = None;
+                if let Some(c) = self.child.as_ref() {
+                    tracing::info!(session_id = %self.shared.id, pid = c.proc.pid(), "reply did not end after the interrupt; killing the child");
+                    c.proc.signal(Sig::SIGKILL);
+                }
+            } else if cur.stop.is_none() {
+                if let Some(c) = self.child.as_mut() {
+                    if let Some(q) = c.adapter.quiet_after() {
+                        if now >= cur.last_output + q {
+                            c.adapter.quiet(&mut signals);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(c) = self.child.as_ref() {
+            if !c.ready && now >= c.ready_deadline {
+                tracing::warn!(session_id = %self.shared.id, "child never reported ready; killing it");
+                c.proc.signal(Sig::SIGKILL);
+            }
+        }
+        let expired: Vec<String> = self
+            .permissions
+            .iter()
+            .filter(|(_, p)| now >= p.deadline)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            let secs = self.shared.profile.permission_timeout.as_secs();
+            let decision = PermissionDecision {
+                behavior: PermissionBehavior::Deny,
+                message: Some(format!("no answer from the user within {secs} s")),
+            };
+            tracing::info!(session_id = %self.shared.id, request_id = %id, "permission request timed out; denied");
+            let _ = self.answer_permission(&id, &decision);
+        }
+        self.apply(signals).await;
+    }
+
+    async fn stop_child(&mut self) {
+        if let Some(child) = self.child.take() {
+            let pid = child.proc.pid();
+            let status = child.proc.stop(self.shared.profile.stop_grace).await;
+            self.registry.child_stopped();
+            self.permissions.clear();
+            tracing::info!(session_id = %self.shared.id, pid, exit = %describe_exit(&status), "child stopped");
+        }
+    }
+
+    async fn close(&mut self, reason: CloseReason) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        let detail = match reason {
+            CloseReason::Deleted => "the session was deleted",
+            CloseReason::Expired => "the session expired",
+            CloseReason::Shutdown => "the gateway is shutting down",
+            CloseReason::Failed => {
+                "the session was closed: the agent kept exiting (restart budget spent)"
+            }
+        };
+        if self.current.is_some() {
+            self.finish(Err((FailureCode::Shutdown, detail.to_string())), None);
+            // `finish` keeps a stop reason if one was pending; a close overrides nothing else.
+        }
+        while let Some(q) = self.queue.pop_front() {
+            self.fail_unstarted(q.id, FailureCode::Shutdown, detail);
+        }
+        self.sync_queued();
+        self.stop_child().await;
+        self.set_state(
+            SessionState::Closed,
+            Some(match reason {
+                CloseReason::Deleted => "deleted",
+                CloseReason::Expired => "expired",
+                CloseReason::Shutdown => "shutdown",
+                CloseReason::Failed => "failed",
+            }),
+        );
+        self.publish("session.closed", None, json!({"reason": reason}));
+        self.shared.log.close();
+        self.shared.finished.send_modify(|n| *n += 1);
+        tracing::info!(session_id = %self.shared.id, ?reason, "session closed");
+    }
+}

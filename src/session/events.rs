@@ -1,0 +1,262 @@
+//! A session's event log: sequence ids, a bounded replay ring, and any number
+//! of subscribers.
+//!
+//! Each event is serialised once, when it is published, and shared by every
+//! subscriber as an `Arc`. Subscribers are cursors into the ring woken by a
+//! `watch` of the last sequence id, so a slow subscriber never holds up the
+//! session or anyone else: if it falls behind the ring it is told so with a
+//! [`Item::Gap`] (never a silent loss) and goes on from the oldest event kept.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+/// One published event.
+#[derive(Debug)]
+pub struct StoredEvent {
+    /// Per-session sequence id (1, 2, 3 …).
+    pub seq: u64,
+    /// SSE `event:` name, e.g. `message.delta`.
+    pub name: &'static str,
+    /// The message the event belongs to, if any.
+    pub message_id: Option<Uuid>,
+    /// The `data:` JSON, serialised once.
+    pub data: String,
+}
+
+impl StoredEvent {
+    /// Whether this event ends its message (`message.completed` / `message.failed`).
+    pub fn ends_message(&self) -> bool {
+        self.name == "message.completed" || self.name == "message.failed"
+    }
+}
+
+/// What a subscriber receives.
+#[derive(Debug, Clone)]
+pub enum Item {
+    /// An event.
+    Event(Arc<StoredEvent>),
+    /// Events `from..=to` are no longer in the replay ring.
+    Gap {
+        /// First missing sequence id.
+        from: u64,
+        /// Last missing sequence id.
+        to: u64,
+    },
+}
+
+#[derive(Debug)]
+struct Ring {
+    events: VecDeque<Arc<StoredEvent>>,
+    bytes: usize,
+    next_seq: u64,
+    closed: bool,
+}
+
+/// The log of one session (or of one one-shot run).
+#[derive(Debug)]
+pub struct EventLog {
+    ring: Mutex<Ring>,
+    last: watch::Sender<u64>,
+    max_events: usize,
+    max_bytes: usize,
+}
+
+impl EventLog {
+    /// A log keeping at most `max_events` events and `max_bytes` bytes of data for replay.
+    pub fn new(max_events: usize, max_bytes: usize) -> Arc<EventLog> {
+        Arc::new(EventLog {
+            ring: Mutex::new(Ring {
+                events: VecDeque::new(),
+                bytes: 0,
+                next_seq: 1,
+                closed: false,
+            }),
+            last: watch::channel(0).0,
+            max_events: max_events.max(1),
+            max_bytes,
+        })
+    }
+
+    /// Appends an event and wakes subscribers; returns its sequence id.
+    pub fn publish(
+        &self,
+        name: &'static str,
+        message_id: Option<Uuid>,
+        data: &impl Serialize,
+    ) -> u64 {
+        let data = serde_json::to_string(data).expect("event data serialises");
+        let seq = {
+            // A std Mutex: held for a few pointer moves, never across an await.
+            let mut ring = self.ring.lock().expect("event ring poisoned");
+            if ring.closed {
+                return ring.next_seq - 1;
+            }
+            let seq = ring.next_seq;
+            ring.next_seq += 1;
+            ring.bytes += data.len();
+            ring.events.push_back(Arc::new(StoredEvent {
+                seq,
+                name,
+                message_id,
+                data,
+            }));
+            while ring.events.len() > self.max_events
+                || (ring.bytes > self.max_bytes && ring.events.len() > 1)
+            {
+                let old = ring.events.pop_front().expect("non-empty");
+                ring.bytes -= old.data.len();
+            }
+            seq
+        };
+        self.last.send_replace(seq);
+        seq
+    }
+
+    /// The sequence id of the newest event (0 before the first).
+    pub fn last_seq(&self) -> u64 {
+        self.ring.lock().expect("event ring poisoned").next_seq - 1
+    }
+
+    /// Ends the log: subscribers get what is left, then the end.
+    pub fn close(&self) {
+        self.ring.lock().expect("event ring poisoned").closed = true;
+        self.last.send_modify(|_| {});
+    }
+
+    /// Number of live subscribers.
+    pub fn subscribers(&self) -> usize {
+        self.last.receiver_count()
+    }
+
+    /// A subscriber that receives every event after `after`.
+    pub fn subscribe(self: &Arc<Self>, after: u64) -> Subscription {
+        Subscription {
+            log: self.clone(),
+            cursor: after,
+            rx: self.last.subscribe(),
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// Fills `into` with what follows `cursor`; returns the new cursor and
+    /// whether the log is closed.
+    fn read_after(&self, cursor: u64, into: &mut VecDeque<Item>) -> (u64, bool) {
+        let ring = self.ring.lock().expect("event ring poisoned");
+        let mut cursor = cursor.min(ring.next_seq - 1);
+        if let Some(first) = ring.events.front().map(|e| e.seq) {
+            if cursor + 1 < first {
+                into.push_back(Item::Gap {
+                    from: cursor + 1,
+                    to: first - 1,
+                });
+                cursor = first - 1;
+            }
+            let skip = (cursor + 1 - first) as usize;
+            for event in ring.events.iter().skip(skip).take(256) {
+                into.push_back(Item::Event(event.clone()));
+                cursor = event.seq;
+            }
+        } else if cursor + 1 < ring.next_seq {
+            into.push_back(Item::Gap {
+                from: cursor + 1,
+                to: ring.next_seq - 1,
+            });
+            cursor = ring.next_seq - 1;
+        }
+        (cursor, ring.closed)
+    }
+}
+
+/// A cursor into an [`EventLog`].
+#[derive(Debug)]
+pub struct Subscription {
+    log: Arc<EventLog>,
+    cursor: u64,
+    rx: watch::Receiver<u64>,
+    pending: VecDeque<Item>,
+}
+
+impl Subscription {
+    /// The next item; `None` once the log is closed and everything was delivered.
+    pub async fn next(&mut self) -> Option<Item> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return Some(item);
+            }
+            // Mark the current value seen before reading, so a publish after
+            // the read wakes `changed()`.
+            self.rx.borrow_and_update();
+            let (cursor, closed) = self.log.read_after(self.cursor, &mut self.pending);
+            self.cursor = cursor;
+            if !self.pending.is_empty() {
+                continue;
+            }
+            if closed || self.rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// The sequence id of the last item handed out.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn replays_then_follows_live() {
+        let log = EventLog::new(100, 1 << 20);
+        log.publish("a", None, &json!({"n": 1}));
+        let mut sub = log.subscribe(0);
+        let Some(Item::Event(e)) = sub.next().await else {
+            panic!()
+        };
+        assert_eq!((e.seq, e.name), (1, "a"));
+        let log2 = log.clone();
+        tokio::spawn(async move { log2.publish("b", None, &json!({})) });
+        let Some(Item::Event(e)) = sub.next().await else {
+            panic!()
+        };
+        assert_eq!(e.seq, 2);
+        log.close();
+        assert!(sub.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn overflow_is_reported_as_a_gap() {
+        let log = EventLog::new(3, 1 << 20);
+        for i in 0..10 {
+            log.publish("e", None, &json!({"i": i}));
+        }
+        let mut sub = log.subscribe(2);
+        match sub.next().await {
+            Some(Item::Gap { from, to }) => assert_eq!((from, to), (3, 7)),
+            other => panic!("{other:?}"),
+        }
+        let Some(Item::Event(e)) = sub.next().await else {
+            panic!()
+        };
+        assert_eq!(e.seq, 8);
+    }
+
+    #[tokio::test]
+    async fn byte_budget_bounds_the_ring() {
+        let log = EventLog::new(1000, 100);
+        for _ in 0..50 {
+            log.publish("e", None, &"x".repeat(30));
+        }
+        let mut sub = log.subscribe(0);
+        assert!(matches!(sub.next().await, Some(Item::Gap { from: 1, .. })));
+        let ring = log.ring.lock().unwrap();
+        assert!(ring.bytes <= 100 && ring.events.len() <= 3);
+    }
+}

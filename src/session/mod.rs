@@ -1,0 +1,242 @@
+//! Sessions: the registry of cheap handles, the task that owns each child,
+//! the event log and the reaper.
+//!
+//! Everything a request needs to *read* (state, history) sits in
+//! [`SessionShared`] behind a std `Mutex` that is never held across an
+//! `.await`. Everything that *changes* a session goes through its task as a
+//! [`Command`], so state changes happen in one place, in order.
+
+mod actor;
+pub mod events;
+pub mod reaper;
+mod registry;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+pub use events::{EventLog, Item, StoredEvent, Subscription};
+pub use registry::Registry;
+
+use crate::config::AgentProfile;
+use crate::error::ApiError;
+use crate::model::{Message, PermissionDecision, Session, SessionState};
+
+/// Why a session was closed (`session.closed` `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CloseReason {
+    /// `DELETE /sessions/{id}`.
+    Deleted,
+    /// No activity for `session_ttl`.
+    Expired,
+    /// The gateway is shutting down.
+    Shutdown,
+    /// The restart budget ran out.
+    Failed,
+}
+
+/// A request to a session's task.
+pub(crate) enum Command {
+    Start {
+        reply: oneshot::Sender<()>,
+    },
+    Send {
+        content: String,
+        timeout: Option<Duration>,
+        reply: oneshot::Sender<Result<Message, ApiError>>,
+    },
+    Interrupt {
+        reply: oneshot::Sender<Result<Uuid, ApiError>>,
+    },
+    Permission {
+        request_id: String,
+        decision: PermissionDecision,
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+    /// Stop the child if the session is idle (and, with `idle_for`, has been for that long).
+    Suspend {
+        reason: &'static str,
+        idle_for: Option<Duration>,
+    },
+    Close {
+        reason: CloseReason,
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// The readable part of a session.
+#[derive(Debug)]
+pub struct SessionShared {
+    /// Session id.
+    pub id: Uuid,
+    /// Its profile.
+    pub profile: Arc<AgentProfile>,
+    /// Creation time.
+    pub created_at: OffsetDateTime,
+    /// Title given at creation.
+    pub title: Option<String>,
+    /// Metadata given at creation.
+    pub metadata: Option<serde_json::Value>,
+    /// Working directory of its children.
+    pub cwd: Option<PathBuf>,
+    /// Its events.
+    pub log: Arc<EventLog>,
+    idle_timeout: Duration,
+    status: Mutex<Status>,
+    /// Bumped whenever a message finishes, for `?wait=true`.
+    finished: watch::Sender<u64>,
+}
+
+#[derive(Debug)]
+struct Status {
+    state: SessionState,
+    pid: Option<u32>,
+    last_activity: Instant,
+    last_activity_at: OffsetDateTime,
+    messages: Vec<Message>,
+    index: HashMap<Uuid, usize>,
+    queued: usize,
+    agent_session_id: Option<String>,
+}
+
+impl SessionShared {
+    fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().expect("session status poisoned")
+    }
+
+    /// The session as the API shows it.
+    pub fn view(&self) -> Session {
+        let s = self.status();
+        let idle_deadline = (s.state == SessionState::Idle && s.pid.is_some())
+            .then(|| s.last_activity_at + self.idle_timeout);
+        Session {
+            id: self.id,
+            agent: self.profile.name.clone(),
+            state: s.state,
+            created_at: self.created_at,
+            last_activity_at: s.last_activity_at,
+            idle_deadline,
+            pid: s.pid,
+            message_count: s.messages.len(),
+            queued: s.queued,
+            title: self.title.clone(),
+            metadata: self.metadata.clone(),
+            agent_session_id: s.agent_session_id.clone(),
+            cwd: self.cwd.as_ref().map(|p| p.display().to_string()),
+        }
+    }
+
+    /// State, and how long since the last activity.
+    pub fn idle_info(&self) -> (SessionState, Duration, bool) {
+        let s = self.status();
+        (s.state, s.last_activity.elapsed(), s.pid.is_some())
+    }
+
+    /// One message.
+    pub fn message(&self, id: Uuid) -> Option<Message> {
+        let s = self.status();
+        s.index.get(&id).map(|i| s.messages[*i].clone())
+    }
+
+    /// History, oldest first: at most `limit` messages after message `after`.
+    pub fn messages(&self, after: Option<Uuid>, limit: usize) -> Result<Vec<Message>, ApiError> {
+        let s = self.status();
+        let start =
+            match after {
+                Some(id) => s.index.get(&id).map(|i| i + 1).ok_or_else(|| {
+                    ApiError::NotFound(format!("no message {id} in this session"))
+                })?,
+                None => 0,
+            };
+        Ok(s.messages.iter().skip(start).take(limit).cloned().collect())
+    }
+}
+
+/// A cheap, cloneable handle to a session.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    /// The readable part.
+    pub shared: Arc<SessionShared>,
+    tx: mpsc::Sender<Command>,
+}
+
+impl SessionHandle {
+    /// Session id.
+    pub fn id(&self) -> Uuid {
+        self.shared.id
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || ApiError::Gone(format!("session {} is closed", self.shared.id));
+        self.tx.send(make(tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+
+    /// Queues a message; returns it as accepted (`queued` or `running`).
+    pub async fn send(
+        &self,
+        content: String,
+        timeout: Option<Duration>,
+    ) -> Result<Message, ApiError> {
+        self.call(|reply| Command::Send {
+            content,
+            timeout,
+            reply,
+        })
+        .await?
+    }
+
+    /// Interrupts the running message; returns its id.
+    pub async fn interrupt(&self) -> Result<Uuid, ApiError> {
+        self.call(|reply| Command::Interrupt { reply }).await?
+    }
+
+    /// Answers a permission request.
+    pub async fn permission(
+        &self,
+        request_id: String,
+        decision: PermissionDecision,
+    ) -> Result<(), ApiError> {
+        self.call(|reply| Command::Permission {
+            request_id,
+            decision,
+            reply,
+        })
+        .await?
+    }
+
+    /// Closes the session; returns once its child is gone.
+    pub async fn close(&self, reason: CloseReason) {
+        let _ = self.call(|reply| Command::Close { reason, reply }).await;
+    }
+
+    /// Asks the session to stop its child if it is idle.
+    pub(crate) fn suspend(&self, reason: &'static str, idle_for: Option<Duration>) {
+        let _ = self.tx.try_send(Command::Suspend { reason, idle_for });
+    }
+
+    /// Waits until message `id` has finished and returns it.
+    pub async fn wait_finished(&self, id: Uuid) -> Option<Message> {
+        let mut rx = self.shared.finished.subscribe();
+        loop {
+            let m = self.shared.message(id)?;
+            if m.status.is_terminal() {
+                return Some(m);
+            }
+            if rx.changed().await.is_err() {
+                return self.shared.message(id);
+            }
+        }
+    }
+}

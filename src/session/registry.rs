@@ -1,0 +1,221 @@
+//! The registry: every live session by id, the limits that span sessions
+//! (`max_sessions`, `max_children`), and shutdown.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::actor::Actor;
+use super::{CloseReason, Command, EventLog, SessionHandle, SessionShared, Status};
+use crate::config::{AgentProfile, Config};
+use crate::error::ApiError;
+use crate::model::{CreateSession, SessionState};
+
+/// All live sessions.
+#[derive(Debug)]
+pub struct Registry {
+    /// The gateway's configuration.
+    pub config: Arc<Config>,
+    sessions: DashMap<Uuid, SessionHandle>,
+    reserved: AtomicUsize,
+    live_children: AtomicUsize,
+    shutting_down: AtomicBool,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(config: Arc<Config>) -> Arc<Registry> {
+        Arc::new(Registry {
+            config,
+            sessions: DashMap::new(),
+            reserved: AtomicUsize::new(0),
+            live_children: AtomicUsize::new(0),
+            shutting_down: AtomicBool::new(false),
+        })
+    }
+
+    /// The profile named `name`, or the default one.
+    pub fn profile(&self, name: Option<&str>) -> Result<Arc<AgentProfile>, ApiError> {
+        let name = name.unwrap_or(&self.config.default_agent);
+        self.config.profiles.get(name).cloned().ok_or_else(|| {
+            let known: Vec<&str> = self.config.profiles.keys().map(String::as_str).collect();
+            ApiError::BadRequest(format!(
+                "unknown agent {name:?} (known: {})",
+                known.join(", ")
+            ))
+        })
+    }
+
+    /// Creates a session and starts its child.
+    pub async fn create(self: &Arc<Self>, req: CreateSession) -> Result<SessionHandle, ApiError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ApiError::Unavailable("the gateway is shutting down".into()));
+        }
+        let profile = self.profile(req.agent.as_deref())?;
+        let cwd = resolve_cwd(&profile, req.cwd.as_deref())?;
+        let max = self.config.max_sessions;
+        if self.reserved.fetch_add(1, Ordering::SeqCst) >= max {
+            self.reserved.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::Unavailable(format!(
+                "the gateway holds its maximum of {max} sessions"
+            )));
+        }
+        let id = Uuid::new_v4();
+        let now = OffsetDateTime::now_utc();
+        let shared = Arc::new(SessionShared {
+            id,
+            profile: profile.clone(),
+            created_at: now,
+            title: req.title,
+            metadata: req.metadata,
+            cwd,
+            log: EventLog::new(self.config.replay_events, self.config.replay_bytes),
+            idle_timeout: self.config.idle_timeout,
+            status: Mutex::new(Status {
+                state: SessionState::Suspended,
+                pid: None,
+                last_activity: Instant::now(),
+                last_activity_at: now,
+                messages: Vec::new(),
+                index: Default::default(),
+                queued: 0,
+                agent_session_id: None,
+            }),
+            finished: watch::channel(0).0,
+        });
+        let (tx, rx) = mpsc::channel(64);
+        let handle = SessionHandle {
+            shared: shared.clone(),
+            tx,
+        };
+        self.sessions.insert(id, handle.clone());
+        let span = tracing::info_span!("session", session_id = %id, agent = %profile.name);
+        tokio::spawn(Actor::new(shared, self.clone(), rx).run().instrument(span));
+        tracing::info!(session_id = %id, agent = %profile.name, "session created");
+        let (reply, started) = tokio::sync::oneshot::channel();
+        let _ = handle.tx.send(Command::Start { reply }).await;
+        let _ = started.await;
+        Ok(handle)
+    }
+
+    /// The session `id`.
+    pub fn get(&self, id: &str) -> Result<SessionHandle, ApiError> {
+        Uuid::parse_str(id)
+            .ok()
+            .and_then(|id| self.sessions.get(&id).map(|h| h.clone()))
+            .ok_or_else(|| ApiError::NotFound(format!("no session {id}")))
+    }
+
+    /// Every live session, oldest first.
+    pub fn list(&self) -> Vec<SessionHandle> {
+        // Clone the handles out: no DashMap guard outlives this function.
+        let mut all: Vec<SessionHandle> = self.sessions.iter().map(|e| e.value().clone()).collect();
+        all.sort_by_key(|h| h.shared.created_at);
+        all
+    }
+
+    /// Number of live sessions.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Whether there are no sessions.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// Live session children.
+    pub fn live_children(&self) -> usize {
+        self.live_children.load(Ordering::SeqCst)
+    }
+
+    /// Closes session `id` and removes it.
+    pub async fn close(&self, id: &str, reason: CloseReason) -> Result<(), ApiError> {
+        let handle = self.get(id)?;
+        handle.close(reason).await;
+        self.forget(handle.id());
+        Ok(())
+    }
+
+    /// Drops a closed session from the registry.
+    pub(super) fn forget(&self, id: Uuid) {
+        if self.sessions.remove(&id).is_some() {
+            self.reserved.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    pub(super) fn child_started(&self) {
+        self.live_children.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(super) fn child_stopped(&self) {
+        self.live_children.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Before session `starting` spawns a child: if `max_children` are live,
+    /// asks the least recently used idle session to stop its child.
+    pub(super) fn make_room(&self, starting: Uuid) {
+        if self.live_children() < self.config.max_children {
+            return;
+        }
+        let victim = self
+            .list()
+            .into_iter()
+            .filter(|h| h.id() != starting)
+            .filter_map(|h| {
+                let (state, idle_for, has_child) = h.shared.idle_info();
+                (state == SessionState::Idle && has_child).then_some((idle_for, h))
+            })
+            .max_by_key(|(idle_for, _)| *idle_for);
+        if let Some((_, h)) = victim {
+            tracing::info!(session_id = %h.id(), "max_children reached: suspending the least recently used idle child");
+            h.suspend("max_children", None);
+        }
+    }
+
+    /// Refuses new sessions and closes every session (children included).
+    pub async fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let all = self.list();
+        futures::future::join_all(all.iter().map(|h| h.close(CloseReason::Shutdown))).await;
+        for h in all {
+            self.forget(h.id());
+        }
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+}
+
+/// The working directory a session asked for, if it lies under one of the profile's roots.
+fn resolve_cwd(profile: &AgentProfile, cwd: Option<&str>) -> Result<Option<PathBuf>, ApiError> {
+    let Some(cwd) = cwd else { return Ok(None) };
+    let path = std::fs::canonicalize(cwd)
+        .map_err(|e| ApiError::BadRequest(format!("cwd {cwd:?}: {e}")))?;
+    if !path.is_dir() {
+        return Err(ApiError::BadRequest(format!(
+            "cwd {cwd:?} is not a directory"
+        )));
+    }
+    let allowed = profile
+        .cwd_roots
+        .iter()
+        .filter_map(|r| std::fs::canonicalize(r).ok())
+        .any(|root| path.starts_with(root));
+    if !allowed {
+        return Err(ApiError::BadRequest(format!(
+            "cwd {cwd:?} is not under an allowed root of profile {:?} (cwd_roots)",
+            profile.name
+        )));
+    }
+    Ok(Some(path))
+}
