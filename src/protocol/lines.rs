@@ -6,9 +6,11 @@
 //! stderr; one printed at start-up means "ready"), or silence (`quiet_ms`,
 //! timed by the session task).
 //!
-//! With `end_marker` the reply streams line by line: a partial line could be
-//! the start of the marker, so it is held until its newline arrives. With a
-//! prompt, only a tail that could be the start of the prompt is held back.
+//! With `end_marker`, a partial line is held back only while it could still
+//! become the marker line (a lazy DFA of the anchored marker says when it no
+//! longer can), so replies stream word by word. A marker without a leading
+//! `^` can match anywhere, so with such a marker output streams line by line.
+//! With a prompt, only a tail that could be the start of the prompt is held.
 
 use std::time::Duration;
 
@@ -28,17 +30,64 @@ pub struct Lines {
     /// The last stderr bytes, to find a prompt printed there.
     stderr_tail: Vec<u8>,
     decoder: Utf8Decoder,
+    /// Emitted bytes of the current partial stdout line (they are no longer in `held`).
+    line_emitted: bool,
+    marker: Option<MarkerPrefix>,
+}
+
+/// Tells whether a partial line can still grow into a marker line.
+struct MarkerPrefix {
+    dfa: regex_automata::hybrid::dfa::DFA,
+    cache: regex_automata::hybrid::dfa::Cache,
+}
+
+impl std::fmt::Debug for MarkerPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MarkerPrefix")
+    }
+}
+
+impl MarkerPrefix {
+    fn new(re: &regex::Regex) -> Option<MarkerPrefix> {
+        let dfa = regex_automata::hybrid::dfa::DFA::new(re.as_str()).ok()?;
+        let cache = dfa.create_cache();
+        Some(MarkerPrefix { dfa, cache })
+    }
+
+    /// False only when no continuation of `partial` can match (conservative: true on doubt).
+    fn may_match(&mut self, partial: &[u8]) -> bool {
+        use regex_automata::{Anchored, Input};
+        // A trailing CR may be the start of a CRLF line end, which is not part of the line.
+        let partial = partial.strip_suffix(b"\r").unwrap_or(partial);
+        let input = Input::new(partial).anchored(Anchored::Yes);
+        let Ok(mut sid) = self.dfa.start_state_forward(&mut self.cache, &input) else {
+            return true;
+        };
+        for &b in partial {
+            match self.dfa.next_state(&mut self.cache, sid, b) {
+                Ok(next) if next.is_dead() => return false,
+                Ok(next) => sid = next,
+                Err(_) => return true,
+            }
+        }
+        true
+    }
 }
 
 impl Lines {
     /// A new adapter ending replies by `ending`.
     pub fn new(ending: LineEnding) -> Lines {
         Lines {
-            ending,
             in_reply: false,
             held: Vec::new(),
             stderr_tail: Vec::new(),
             decoder: Utf8Decoder::default(),
+            line_emitted: false,
+            marker: match &ending {
+                LineEnding::EndMarker(re) if re.as_str().starts_with('^') => MarkerPrefix::new(re),
+                _ => None,
+            },
+            ending,
         }
     }
 
@@ -76,9 +125,11 @@ impl Lines {
         let mut search = scan_from;
         while let Some(pos) = self.held[search..].iter().position(|b| *b == b'\n') {
             let end = search + pos;
+            // A line whose start was already emitted cannot be the marker.
+            let candidate = !(start == 0 && self.line_emitted);
             let line = &self.held[start..end];
             let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if re.is_match(&String::from_utf8_lossy(line)) {
+            if candidate && re.is_match(&String::from_utf8_lossy(line)) {
                 let before = self.held[emit_to..start].to_vec();
                 self.emit(&before, out);
                 self.end(out);
@@ -86,10 +137,27 @@ impl Lines {
             }
             start = end + 1;
             search = start;
+            if start > 0 {
+                self.line_emitted = false;
+            }
         }
-        let ready = self.held[emit_to..start].to_vec();
+        let mut ready_to = start;
+        // The partial last line: emit it now unless it could become the marker.
+        if start < self.held.len() {
+            let partial_is_fresh = !(start == 0 && self.line_emitted);
+            let may_be_marker = partial_is_fresh
+                && self
+                    .marker
+                    .as_mut()
+                    .is_none_or(|m| m.may_match(&self.held[start..]));
+            if !may_be_marker {
+                ready_to = self.held.len();
+                self.line_emitted = true;
+            }
+        }
+        let ready = self.held[emit_to..ready_to].to_vec();
         self.emit(&ready, out);
-        self.held.drain(..start);
+        self.held.drain(..ready_to);
     }
 
     fn stdout_prompt(&mut self, prompt: &[u8], chunk: &[u8], out: &mut Vec<Signal>) {
@@ -241,11 +309,36 @@ mod tests {
         let mut out = vec![];
         a.frame("hi");
         a.stdout(b"hello\nwor", &mut out);
-        assert_eq!(text(&out), "hello\n");
+        assert_eq!(text(&out), "hello\nwor");
         a.stdout(b"ld\n__EN", &mut out);
         assert_eq!(done(&out), 0);
         a.stdout(b"D__\n", &mut out);
         assert_eq!(text(&out), "hello\nworld\n");
+        assert_eq!(done(&out), 1);
+    }
+
+    #[test]
+    fn partial_lines_stream_unless_they_may_be_the_marker() {
+        let mut a = Lines::new(LineEnding::EndMarker(Regex::new("^__END__$").unwrap()));
+        let mut out = vec![];
+        a.frame("hi");
+        a.stdout(b"Hello", &mut out);
+        assert_eq!(
+            text(&out),
+            "Hello",
+            "a partial line that cannot be the marker streams"
+        );
+        a.stdout(b" wor", &mut out);
+        a.stdout(b"ld\n__", &mut out);
+        assert_eq!(
+            text(&out),
+            "Hello world\n",
+            "`__` may start the marker: held"
+        );
+        a.stdout(b"END__x", &mut out);
+        assert_eq!(text(&out), "Hello world\n__END__x");
+        a.stdout(b"\n__END__\n", &mut out);
+        assert_eq!(text(&out), "Hello world\n__END__x\n");
         assert_eq!(done(&out), 1);
     }
 

@@ -1,0 +1,322 @@
+//! Shared test harness: a real gateway on 127.0.0.1:0 (in process, or the
+//! real binary), an HTTP client, an SSE reader, bounded polling and process
+//! inspection. No test here sleeps to synchronise: every wait polls a
+//! condition with a bound.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use agentgate::Config;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+/// Path of the agentgate binary built for these tests.
+pub fn agentgate_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_agentgate"))
+}
+
+/// Profiles used across tests: python3 REPL, sed, a shell with a grandchild.
+pub const PROFILES: &str = r#"
+[agents.python]
+command = ["python3", "-i", "-q", "-u"]
+protocol = "lines"
+prompt = ">>> "
+oneshot_command = ["python3", "-q", "-u", "-"]
+env = { PYTHONIOENCODING = "utf-8" }
+interrupt_grace = "3s"
+stop_grace = "1s"
+
+[agents.sed]
+command = ["sed", "-u", "a __END__"]
+protocol = "lines"
+end_marker = "^__END__$"
+stop_grace = "1s"
+
+[agents.shell]
+command = ["sh", "-c", "sleep 1000 & cat"]
+protocol = "lines"
+quiet_ms = 200
+stop_grace = "1s"
+"#;
+
+/// A gateway served in this process.
+pub struct Gateway {
+    pub base: String,
+    pub http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Starts a gateway with [`PROFILES`] and the built-ins, after `tweak`.
+    pub async fn start(tweak: impl FnOnce(&mut Config)) -> Gateway {
+        let mut config = Config::defaults(agentgate_bin());
+        config
+            .add_profiles_toml("test profiles", PROFILES)
+            .expect("test profiles parse");
+        tweak(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(agentgate::serve(config, listener, async move {
+            let _ = rx.await;
+        }));
+        Gateway {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::builder().build().unwrap(),
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).send().await.unwrap()
+    }
+
+    pub async fn get_json(&self, path: &str) -> Value {
+        let res = self.get(path).await;
+        assert!(res.status().is_success(), "GET {path}: {}", res.status());
+        res.json().await.unwrap()
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Creates a session of `agent`; returns its JSON.
+    pub async fn create(&self, agent: &str) -> Value {
+        let res = self.post("/sessions", json!({"agent": agent})).await;
+        assert_eq!(res.status(), 201, "create {agent}");
+        res.json().await.unwrap()
+    }
+
+    /// Sends `content` with `?wait=true`; returns the finished message.
+    pub async fn ask(&self, session: &str, content: &str) -> Value {
+        let res = self
+            .post(
+                &format!("/sessions/{session}/messages?wait=true"),
+                json!({"content": content}),
+            )
+            .await;
+        assert_eq!(res.status(), 200, "ask {content:?}");
+        res.json().await.unwrap()
+    }
+
+    /// Sends `content` without waiting (202); returns the accepted message.
+    pub async fn send(&self, session: &str, content: &str) -> Value {
+        let res = self
+            .post(
+                &format!("/sessions/{session}/messages"),
+                json!({"content": content}),
+            )
+            .await;
+        assert_eq!(res.status(), 202, "send {content:?}");
+        res.json().await.unwrap()
+    }
+
+    pub async fn session(&self, id: &str) -> Value {
+        self.get_json(&format!("/sessions/{id}")).await
+    }
+
+    pub async fn message(&self, session: &str, id: &str) -> Value {
+        self.get_json(&format!("/sessions/{session}/messages/{id}"))
+            .await
+    }
+
+    /// Polls until message `id` is running.
+    pub async fn running(&self, session: &str, id: &str) {
+        eventually(Duration::from_secs(30), || async {
+            self.message(session, id).await["status"] == "running"
+        })
+        .await;
+    }
+
+    /// Polls message `id` until it has finished.
+    pub async fn finished(&self, session: &str, id: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let m = self.message(session, id).await;
+            let s = m["status"].as_str().unwrap_or("");
+            if !(s == "queued" || s == "running") {
+                return m;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "message {id} did not finish: {m}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the gateway and waits for it (children included).
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("the gateway stops within 30 s")
+                .unwrap();
+        }
+    }
+}
+
+/// One SSE item as received.
+#[derive(Debug, Clone)]
+pub struct SseItem {
+    pub id: Option<u64>,
+    pub event: Option<String>,
+    pub data: Value,
+    pub retry: Option<u64>,
+}
+
+/// Reads SSE items from `res` until `done` returns true for one, the stream
+/// ends, or `limit` passes (which fails the test).
+pub async fn read_sse(
+    res: reqwest::Response,
+    limit: Duration,
+    mut done: impl FnMut(&SseItem) -> bool,
+) -> Vec<SseItem> {
+    assert_eq!(res.status(), 200);
+    let ct = res.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    let mut stream = res.bytes_stream();
+    let mut buf = String::new();
+    let mut items = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        while let Some(pos) = buf.find("\n\n") {
+            let frame: String = buf.drain(..pos + 2).collect();
+            if let Some(item) = parse_frame(&frame) {
+                let stop = done(&item);
+                items.push(item);
+                if stop {
+                    return items;
+                }
+            }
+        }
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(chunk)) => {
+                buf.push_str(std::str::from_utf8(&chunk.unwrap()).expect("SSE is UTF-8"))
+            }
+            Ok(None) => return items,
+            Err(_) => panic!("SSE: nothing matched within {limit:?}; got {items:#?}"),
+        }
+    }
+}
+
+fn parse_frame(frame: &str) -> Option<SseItem> {
+    let mut item = SseItem {
+        id: None,
+        event: None,
+        data: Value::Null,
+        retry: None,
+    };
+    let mut data = String::new();
+    let mut any = false;
+    for line in frame.lines() {
+        if line.starts_with(':') || line.is_empty() {
+            continue;
+        }
+        let (k, v) = line.split_once(':').unwrap_or((line, ""));
+        let v = v.strip_prefix(' ').unwrap_or(v);
+        any = true;
+        match k {
+            "id" => item.id = v.parse().ok(),
+            "event" => item.event = Some(v.to_string()),
+            "data" => {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(v)
+            }
+            "retry" => item.retry = v.parse().ok(),
+            _ => {}
+        }
+    }
+    if !data.is_empty() {
+        item.data = serde_json::from_str(&data).expect("SSE data is JSON");
+    }
+    any.then_some(item)
+}
+
+/// Polls `cond` every 20 ms until it holds; fails the test after `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether process `pid` is alive (exists and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat_state(&stat) != Some('Z'),
+        Err(_) => false,
+    }
+}
+
+fn stat_state(stat: &str) -> Option<char> {
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.chars().next()
+}
+
+/// Live (non-zombie) processes whose process group is `pgid`.
+pub fn group_members(pgid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        // fields: state ppid pgrp ...
+        if fields.len() > 2 && fields[2] == pgid.to_string() && fields[0] != "Z" {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Asserts that `res` is problem+json with `status`; returns the problem.
+pub async fn assert_problem(res: reqwest::Response, status: u16) -> Value {
+    assert_eq!(res.status().as_u16(), status);
+    let ct = res.headers()["content-type"].to_str().unwrap().to_string();
+    assert_eq!(ct, "application/problem+json");
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["status"], status);
+    for key in ["type", "title", "detail"] {
+        assert!(body[key].is_string(), "{key} in {body}");
+    }
+    body
+}

@@ -1,0 +1,520 @@
+//! Sessions over HTTP with real children (python3, sed, sh, the demo agent).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn python_repl_keeps_state_between_messages() {
+    let gw = Gateway::start(|_| {}).await;
+    let s = gw.create("python").await;
+    let id = s["id"].as_str().unwrap();
+    let first = gw.ask(id, "x = 41").await;
+    assert_eq!(first["status"], "completed");
+    assert_eq!(first["output"], "");
+    let second = gw.ask(id, "print(x + 1)").await;
+    assert_eq!(second["output"], "42\n");
+    let history = gw.get_json(&format!("/sessions/{id}/messages")).await;
+    let inputs: Vec<&str> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["input"].as_str().unwrap())
+        .collect();
+    assert_eq!(inputs, ["x = 41", "print(x + 1)"]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn sed_echoes_korean_and_emoji_unchanged() {
+    let gw = Gateway::start(|_| {}).await;
+    let id = gw.create("sed").await["id"].as_str().unwrap().to_string();
+    let text = "안녕하세요 세계 🎉👩‍💻 ünïcödé";
+    let m = gw.ask(&id, text).await;
+    assert_eq!(m["output"], format!("{text}\n"));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_character_written_in_two_pieces_is_not_mangled() {
+    let gw = Gateway::start(|c| {
+        c.add_profiles_toml(
+            "split",
+            r#"
+            [agents.split]
+            command = ["python3", "-u", "-c", "import sys,time\nfor line in sys.stdin:\n    b = '😀한'.encode()\n    sys.stdout.buffer.write(b[:2]); sys.stdout.buffer.flush(); time.sleep(0.05)\n    sys.stdout.buffer.write(b[2:5]); sys.stdout.buffer.flush(); time.sleep(0.05)\n    sys.stdout.buffer.write(b[5:] + b'\\n__END__\\n'); sys.stdout.buffer.flush()\n"]
+            protocol = "lines"
+            end_marker = "^__END__$"
+            "#,
+        )
+        .unwrap();
+    })
+    .await;
+    let id = gw.create("split").await["id"].as_str().unwrap().to_string();
+    let res = gw
+        .http
+        .post(gw.url(&format!("/sessions/{id}/messages")))
+        .header("accept", "text/event-stream")
+        .json(&json!({"content": "go"}))
+        .send()
+        .await
+        .unwrap();
+    let items = read_sse(res, T, |i| i.event.as_deref() == Some("message.completed")).await;
+    let deltas: Vec<String> = items
+        .iter()
+        .filter(|i| i.event.as_deref() == Some("message.delta"))
+        .map(|i| i.data["text"].as_str().unwrap().to_string())
+        .collect();
+    assert!(deltas.len() >= 2, "the reply arrived in pieces: {deltas:?}");
+    assert!(deltas.iter().all(|d| !d.contains('\u{fffd}')), "{deltas:?}");
+    assert_eq!(deltas.concat(), "😀한\n");
+    assert_eq!(items.last().unwrap().data["output"], "😀한\n");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn demo_agent_streams_in_order_with_growing_ids_and_remembers() {
+    let gw = Gateway::start(|_| {}).await;
+    let id = gw.create("demo").await["id"].as_str().unwrap().to_string();
+    let res = gw
+        .http
+        .post(gw.url(&format!("/sessions/{id}/messages")))
+        .header("accept", "text/event-stream")
+        .json(&json!({"content": "my name is Ada"}))
+        .send()
+        .await
+        .unwrap();
+    let items = read_sse(res, T, |i| i.event.as_deref() == Some("message.completed")).await;
+    assert!(items[0].retry.is_some(), "a retry hint comes first");
+    let names: Vec<&str> = items.iter().filter_map(|i| i.event.as_deref()).collect();
+    assert_eq!(names.first(), Some(&"message.queued"));
+    assert_eq!(names[1], "message.started");
+    assert!(
+        names.iter().filter(|n| **n == "message.delta").count() >= 3,
+        "word by word: {names:?}"
+    );
+    assert_eq!(names.last(), Some(&"message.completed"));
+    let ids: Vec<u64> = items.iter().filter_map(|i| i.id).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids grow: {ids:?}");
+    let second = gw.ask(&id, "what did I say first?").await;
+    assert_eq!(second["output"], "First you said: \"my name is Ada\"\n");
+
+    // The session log: every id from 1, no holes, in order.
+    let res = gw
+        .http
+        .get(gw.url(&format!("/sessions/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    let all = read_sse(res, T, |i| {
+        i.data["message_id"] == second["id"] && i.event.as_deref() == Some("message.completed")
+    })
+    .await;
+    let ids: Vec<u64> = all.iter().filter_map(|i| i.id).collect();
+    assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn last_event_id_replays_and_overflow_gives_a_gap() {
+    let gw = Gateway::start(|c| c.replay_events = 8).await;
+    let id = gw.create("demo").await["id"].as_str().unwrap().to_string();
+    gw.ask(&id, "one two three four five six seven eight nine ten")
+        .await;
+    let events = format!("/sessions/{id}/events");
+    // Resume from an id still in the ring: the next event is exactly id+1.
+    let res = gw.http.get(gw.url(&events)).send().await.unwrap();
+    let all = read_sse(res, T, |i| i.event.as_deref() == Some("message.completed")).await;
+    let gap = all
+        .iter()
+        .find(|i| i.event.as_deref() == Some("stream.gap"))
+        .expect("a gap: the ring holds 8");
+    assert_eq!(gap.data["from"], 1);
+    let last = all.last().unwrap().id.unwrap();
+    let resume_from = last - 3;
+    let res = gw
+        .http
+        .get(gw.url(&events))
+        .header("last-event-id", resume_from.to_string())
+        .send()
+        .await
+        .unwrap();
+    let replay = read_sse(res, T, |i| i.id == Some(last)).await;
+    let ids: Vec<u64> = replay.iter().filter_map(|i| i.id).collect();
+    assert_eq!(ids, vec![resume_from + 1, resume_from + 2, last]);
+    // ?after= works the same.
+    let res = gw
+        .http
+        .get(gw.url(&format!("{events}?after={}", last - 1)))
+        .send()
+        .await
+        .unwrap();
+    let replay = read_sse(res, T, |i| i.id == Some(last)).await;
+    assert_eq!(
+        replay.iter().filter_map(|i| i.id).collect::<Vec<_>>(),
+        vec![last]
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_messages_run_one_at_a_time_in_order() {
+    let gw = Gateway::start(|_| {}).await;
+    let id = gw.create("python").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sends = (0..3).map(|i| {
+        let gw = &gw;
+        let id = id.clone();
+        async move {
+            gw.send(&id, &format!("import time; time.sleep(0.2); print({i})"))
+                .await
+        }
+    });
+    let accepted = futures::future::join_all(sends).await;
+    let mut done = Vec::new();
+    for m in &accepted {
+        done.push(gw.finished(&id, m["id"].as_str().unwrap()).await);
+    }
+    done.sort_by_key(|m| m["started_at"].as_str().unwrap().to_string());
+    for pair in done.windows(2) {
+        assert!(
+            pair[0]["finished_at"].as_str().unwrap() <= pair[1]["started_at"].as_str().unwrap(),
+            "one at a time"
+        );
+        assert!(
+            pair[0]["created_at"].as_str().unwrap() <= pair[1]["created_at"].as_str().unwrap(),
+            "in arrival order"
+        );
+    }
+    for m in &done {
+        assert_eq!(m["status"], "completed");
+        let n = m["input"].as_str().unwrap().chars().rev().nth(1).unwrap();
+        assert_eq!(m["output"], format!("{n}\n"));
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_with_retry_after() {
+    let gw = Gateway::start(|c| c.max_queue = 1).await;
+    let id = gw.create("python").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let running = gw.send(&id, "import time; time.sleep(30)").await;
+    gw.running(&id, running["id"].as_str().unwrap()).await;
+    let queued = gw.send(&id, "print(1)").await;
+    assert_eq!(queued["status"], "queued");
+    assert_eq!(gw.session(&id).await["queued"], 1);
+    let res = gw
+        .post(
+            &format!("/sessions/{id}/messages"),
+            json!({"content": "print(2)"}),
+        )
+        .await;
+    assert!(res.headers().get("retry-after").is_some());
+    assert_problem(res, 429).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn the_reaper_ends_idle_children_and_the_next_message_starts_one() {
+    let gw = Gateway::start(|c| {
+        c.idle_timeout = Duration::from_millis(500);
+        c.reap_interval = Duration::from_millis(100);
+    })
+    .await;
+    let s = gw.create("python").await;
+    let id = s["id"].as_str().unwrap().to_string();
+    gw.ask(&id, "x = 5").await;
+    let pid = gw.session(&id).await["pid"].as_u64().unwrap() as u32;
+    assert!(alive(pid));
+    eventually(T, || async {
+        gw.session(&id).await["state"] == "suspended"
+    })
+    .await;
+    eventually(T, || async { !alive(pid) }).await;
+    assert!(gw.session(&id).await["pid"].is_null());
+    let m = gw.ask(&id, "print('back')").await;
+    assert_eq!(m["output"], "back\n");
+    let new_pid = gw.session(&id).await["pid"].as_u64().unwrap() as u32;
+    assert_ne!(new_pid, pid);
+    let res = gw
+        .http
+        .get(gw.url(&format!("/sessions/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    let items = read_sse(res, T, |i| i.data["reason"] == "idle").await;
+    assert_eq!(items.last().unwrap().data["state"], "suspended");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn delete_ends_the_whole_process_group() {
+    let gw = Gateway::start(|_| {}).await;
+    let s = gw.create("shell").await;
+    let id = s["id"].as_str().unwrap();
+    let pid = s["pid"].as_u64().unwrap() as u32;
+    eventually(T, || async { group_members(pid).len() >= 2 }).await;
+    let members = group_members(pid);
+    let res = gw
+        .http
+        .delete(gw.url(&format!("/sessions/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    eventually(T, || async { members.iter().all(|p| !alive(*p)) }).await;
+    assert_problem(gw.get(&format!("/sessions/{id}")).await, 404).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_child_killed_mid_message_fails_it_and_the_session_recovers() {
+    let gw = Gateway::start(|_| {}).await;
+    let id = gw.create("python").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let m = gw
+        .send(
+            &id,
+            "import sys; sys.stderr.write('about to nap\\n'); import time; time.sleep(30)",
+        )
+        .await;
+    let pid = gw.session(&id).await["pid"].as_u64().unwrap() as i32;
+    eventually(T, || async { gw.session(&id).await["state"] == "busy" }).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let failed = gw.finished(&id, m["id"].as_str().unwrap()).await;
+    assert_eq!(failed["status"], "failed");
+    assert_eq!(failed["error"]["code"], "process_exited");
+    let detail = failed["error"]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("signal 9") && detail.contains("about to nap"),
+        "{detail}"
+    );
+    assert_eq!(gw.session(&id).await["state"], "suspended");
+    assert_eq!(gw.ask(&id, "print(2 + 2)").await["output"], "4\n");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_timeout_fails_the_message_and_the_child_survives() {
+    let gw = Gateway::start(|_| {}).await;
+    let id = gw.create("python").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    gw.ask(&id, "y = 7").await;
+    let res = gw
+        .post(
+            &format!("/sessions/{id}/messages?wait=true"),
+            json!({"content": "import time; time.sleep(30)", "timeout_ms": 300}),
+        )
+        .await;
+    let m: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(m["status"], "failed");
+    assert_eq!(m["error"]["code"], "timeout");
+    // SIGINT stopped the sleep, not the REPL: its state is intact.
+    assert_eq!(gw.ask(&id, "print(y)").await["output"], "7\n");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn interrupt_stops_the_running_message_and_409_when_idle() {
+    let gw = Gateway::start(|_| {}).await;
+    let id = gw.create("python").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_problem(
+        gw.post(&format!("/sessions/{id}/interrupt"), json!({}))
+            .await,
+        409,
+    )
+    .await;
+    let m = gw.send(&id, "import time; time.sleep(30)").await;
+    gw.running(&id, m["id"].as_str().unwrap()).await;
+    let res = gw
+        .post(&format!("/sessions/{id}/interrupt"), json!({}))
+        .await;
+    assert_eq!(res.status(), 202);
+    let done = gw.finished(&id, m["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "interrupted");
+    assert_eq!(done["error"]["code"], "interrupted");
+    assert_eq!(
+        gw.ask(&id, "print('still here')").await["output"],
+        "still here\n"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_leaving_an_sse_stream_does_not_stop_the_message() {
+    let gw = Gateway::start(|_| {}).await;
+    let id = gw.create("python").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let res = gw
+        .http
+        .post(gw.url(&format!("/sessions/{id}/messages")))
+        .header("accept", "text/event-stream")
+        .json(&json!({"content": "import time; time.sleep(0.3); print('done')"}))
+        .send()
+        .await
+        .unwrap();
+    let location = res.headers()["location"].to_str().unwrap().to_string();
+    let items = read_sse(res, T, |i| i.event.as_deref() == Some("message.started")).await;
+    let mid = items.last().unwrap().data["message_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(location.ends_with(&mid));
+    // The response was dropped above; the message still completes.
+    let done = gw.finished(&id, &mid).await;
+    assert_eq!(done["output"], "done\n");
+    let res = gw
+        .http
+        .get(gw.url(&format!("/sessions/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    let replay = read_sse(res, T, |i| i.event.as_deref() == Some("message.completed")).await;
+    assert_eq!(replay.last().unwrap().data["output"], "done\n");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn oneshot_json_and_sse() {
+    let gw = Gateway::start(|_| {}).await;
+    let res = gw
+        .post(
+            "/oneshot",
+            json!({"agent": "python", "content": "print(6 * 7)"}),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["output"], "42\n");
+    assert_eq!(body["exit_code"], 0);
+    assert_eq!(body["status"], "completed");
+    let res = gw
+        .http
+        .post(gw.url("/oneshot"))
+        .header("accept", "text/event-stream")
+        .json(&json!({"agent": "demo", "content": "hello oneshot"}))
+        .send()
+        .await
+        .unwrap();
+    let items = read_sse(res, T, |i| i.event.as_deref() == Some("message.completed")).await;
+    let text: String = items
+        .iter()
+        .filter(|i| i.event.as_deref() == Some("message.delta"))
+        .map(|i| i.data["text"].as_str().unwrap())
+        .collect();
+    assert!(text.contains("hello oneshot"), "{text}");
+    assert_eq!(items.last().unwrap().data["output"].as_str().unwrap(), text);
+    let res = gw
+        .post(
+            "/oneshot",
+            json!({"agent": "python", "content": "import time; time.sleep(30)", "timeout_ms": 200}),
+        )
+        .await;
+    assert_problem(res, 504).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn errors_are_problem_json() {
+    let gw = Gateway::start(|c| c.max_body = 4096).await;
+    let id = gw.create("demo").await["id"].as_str().unwrap().to_string();
+    let msgs = format!("/sessions/{id}/messages");
+    // 400: bad JSON, unknown field, missing body, unknown agent
+    let res = gw
+        .http
+        .post(gw.url(&msgs))
+        .header("content-type", "application/json")
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 400).await;
+    let p = assert_problem(
+        gw.post(&msgs, json!({"content": "x", "contnet": 1})).await,
+        400,
+    )
+    .await;
+    assert!(
+        p["detail"].as_str().unwrap().contains("unknown field"),
+        "{p}"
+    );
+    assert_problem(gw.http.post(gw.url(&msgs)).send().await.unwrap(), 400).await;
+    assert_problem(gw.post("/sessions", json!({"agent": "nope"})).await, 400).await;
+    // 404: unknown session, message, route
+    assert_problem(
+        gw.get("/sessions/00000000-0000-4000-8000-000000000000")
+            .await,
+        404,
+    )
+    .await;
+    assert_problem(gw.get("/sessions/not-a-uuid/messages").await, 404).await;
+    assert_problem(
+        gw.get(&format!("{msgs}/00000000-0000-4000-8000-000000000000"))
+            .await,
+        404,
+    )
+    .await;
+    assert_problem(gw.get("/nowhere").await, 404).await;
+    // 405 with Allow
+    let res = gw.http.put(gw.url("/sessions")).send().await.unwrap();
+    assert_eq!(res.headers()["allow"], "GET, POST");
+    assert_problem(res, 405).await;
+    let res = gw.http.delete(gw.url(&msgs)).send().await.unwrap();
+    assert_problem(res, 405).await;
+    // 413
+    let big = "x".repeat(8192);
+    assert_problem(gw.post(&msgs, json!({"content": big})).await, 413).await;
+    // 415
+    let res = gw
+        .http
+        .post(gw.url(&msgs))
+        .header("content-type", "text/plain")
+        .body("{\"content\":\"x\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 415).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn agents_list_and_health() {
+    let gw = Gateway::start(|_| {}).await;
+    let agents = gw.get_json("/agents").await;
+    let names: Vec<&str> = agents["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    for n in ["demo", "python", "sed", "shell"] {
+        assert!(names.contains(&n), "{names:?}");
+    }
+    assert_eq!(gw.get_json("/healthz").await["status"], "ok");
+    let spec = gw.get("/openapi.yaml").await.text().await.unwrap();
+    assert!(spec.starts_with("openapi: 3.1"));
+    gw.stop().await;
+}
