@@ -185,8 +185,14 @@ impl Registry {
         self.shutting_down.store(true, Ordering::SeqCst);
         let all = self.list();
         futures::future::join_all(all.iter().map(|h| h.close(CloseReason::Shutdown))).await;
-        for h in all {
+        for h in &all {
             self.forget(h.id());
+        }
+        // Let open SSE streams deliver the last events (`session.closed`)
+        // before the server stops: each ends by itself once its log is drained.
+        let deadline = Instant::now() + std::time::Duration::from_secs(2);
+        while all.iter().any(|h| h.shared.log.subscribers() > 0) && Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
 
