@@ -53,14 +53,20 @@ pub fn response(
     guard: Option<Arc<dyn Send + Sync>>,
 ) -> Response {
     let retry = futures::stream::once(async { Ok::<_, Infallible>(Event::default().retry(RETRY)) });
-    let items = futures::stream::unfold(
-        (sub, false, guard),
-        move |(mut sub, ended, guard)| async move {
+    let items = futures::stream::unfold((sub, false, guard), move |(mut sub, ended, guard)| {
+        let shutdown = shutdown.clone();
+        async move {
             if ended {
                 return None;
             }
             loop {
-                let item = sub.next().await?;
+                // At shutdown, deliver what is already there, then end: an
+                // event is never cut off, and no stream keeps the server up.
+                let item = tokio::select! {
+                    biased;
+                    item = sub.next() => item?,
+                    _ = shutdown.cancelled() => sub.next().now_or_never().flatten()?,
+                };
                 let (wanted, last) = match (&item, scope) {
                     (_, Scope::All) => (true, false),
                     (Item::Gap { .. }, Scope::Message(_)) => (true, false),
@@ -73,8 +79,8 @@ pub fn response(
                     return Some((Ok::<_, Infallible>(to_event(&item)), (sub, last, guard)));
                 }
             }
-        },
-    );
-    let stream = retry.chain(items).take_until(shutdown.cancelled_owned());
+        }
+    });
+    let stream = retry.chain(items);
     warp::sse::reply(warp::sse::keep_alive().interval(heartbeat).stream(stream)).into_response()
 }

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole test suite, installing what it needs. This is the README's test
+# command and what CI runs (.ci/run).
+#
+#   bash scripts/test.sh
+#
+# 1. installs the pinned Claude Code CLI from the npm registry into
+#    tests/claude/node_modules (skipped when AGENTGATE_CLAUDE_BIN points to one);
+# 2. checks formatting and lints;
+# 3. runs every test: unit, HTTP, real processes (python3, sed, sh), and the
+#    real claude CLI against the suite's own mock of the Anthropic API.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+for tool in cargo python3 sed node npm; do
+    command -v "$tool" >/dev/null || { echo "test.sh: $tool is required" >&2; exit 1; }
+done
+
+step "installing the pinned claude CLI (tests/claude)"
+AGENTGATE_CLAUDE_BIN="$(bash scripts/install-claude.sh | tail -n 1)"
+export AGENTGATE_CLAUDE_BIN
+echo "claude: $AGENTGATE_CLAUDE_BIN"
+
+step "cargo fmt --check"
+cargo fmt --check
+
+step "cargo clippy"
+cargo clippy --locked --all-targets -- -D warnings
+
+step "cargo test"
+cargo test --locked --all-targets
