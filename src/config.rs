@@ -177,9 +177,33 @@ pub struct AgentProfile {
 }
 
 impl AgentProfile {
-    /// The argv for a one-shot run.
-    pub fn oneshot_argv(&self) -> &[String] {
-        self.oneshot_command.as_deref().unwrap_or(&self.command)
+    /// The argv of a persistent child; claude children resume `resume` and
+    /// relay permission prompts when the profile says so.
+    pub fn persistent_argv(&self, resume: Option<&str>) -> Vec<String> {
+        let mut argv = self.command.clone();
+        if self.protocol == ProtocolKind::ClaudeStreamJson {
+            if let Some(id) = resume {
+                argv.extend(["--resume".to_string(), id.to_string()]);
+            }
+            if self.permission_relay {
+                argv.extend(["--permission-prompt-tool".to_string(), "stdio".to_string()]);
+            }
+        }
+        argv
+    }
+
+    /// The argv of a one-shot run; claude runs resume `resume` (fallback mode keeps context so).
+    pub fn oneshot_argv(&self, resume: Option<&str>) -> Vec<String> {
+        let mut argv = self
+            .oneshot_command
+            .clone()
+            .unwrap_or_else(|| self.command.clone());
+        if self.protocol == ProtocolKind::ClaudeStreamJson {
+            if let Some(id) = resume {
+                argv.extend(["--resume".to_string(), id.to_string()]);
+            }
+        }
+        argv
     }
 }
 

@@ -45,6 +45,7 @@ pub async fn serve(
     let registry = Registry::new(Arc::new(config));
     let token = CancellationToken::new();
     let reaper = tokio::spawn(session::reaper::run(registry.clone(), token.clone()));
+    let prewarm = tokio::spawn(session::prewarm::run(registry.clone(), token.clone()));
     let state = AppState {
         registry: registry.clone(),
         shutdown: token.clone(),
@@ -65,6 +66,7 @@ pub async fn serve(
         .await;
     token.cancel();
     let _ = reaper.await;
+    let _ = prewarm.await;
     // A request that raced the shutdown may have created a session; close it too.
     registry.shutdown().await;
     tracing::info!("stopped");

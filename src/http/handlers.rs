@@ -356,7 +356,7 @@ pub async fn oneshot(
         let task = tokio::spawn(async move {
             let log = task_log;
             log.publish("message.started", Some(mid), &json!({"message_id": mid}));
-            let argv = task_profile.oneshot_argv().to_vec();
+            let argv = task_profile.oneshot_argv(None);
             let result = crate::oneshot::run(&task_profile, argv, None, &req.content, timeout, config.max_output, |signal| {
                 use crate::protocol::Signal;
                 match signal {

@@ -122,8 +122,13 @@ impl ChildProcess {
         }
     }
 
-    /// Whether the leader has been reaped.
-    pub fn has_exited(&self) -> bool {
+    /// Whether the leader has exited (reaps it if so, without waiting).
+    pub fn try_exited(&mut self) -> bool {
+        if self.status.is_none() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.reaped(status);
+            }
+        }
         self.status.is_some()
     }
 

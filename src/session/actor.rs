@@ -16,14 +16,15 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::prewarm::spawn_spec;
 use super::{CloseReason, Command, Registry, SessionShared};
-use crate::config::ProtocolKind;
 use crate::error::ApiError;
 use crate::model::{
     FailureCode, Message, MessageError, MessageStatus, PermissionBehavior, PermissionDecision,
     SessionState,
 };
-use crate::process::{child_env, describe_exit, ChildEvent, ChildProcess, SpawnSpec};
+use crate::oneshot::RunResult;
+use crate::process::{describe_exit, ChildEvent, ChildProcess};
 use crate::protocol::{self, Adapter, Outcome, Signal};
 
 /// How much of stderr is kept for error details.
@@ -53,6 +54,8 @@ enum StopReason {
 
 struct Current {
     id: Uuid,
+    /// Runs through the one-shot command instead of a persistent child.
+    fallback: bool,
     started: Instant,
     deadline: Instant,
     output: String,
@@ -66,9 +69,21 @@ struct Pending {
     deadline: Instant,
 }
 
+/// A message running through the one-shot command (fallback mode).
+struct FallbackRun {
+    rx: mpsc::UnboundedReceiver<FallbackEvent>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+enum FallbackEvent {
+    Signal(Signal),
+    Done(RunResult),
+}
+
 enum Wake {
     Command(Option<Command>),
     Child(ChildEvent),
+    Fallback(Option<FallbackEvent>),
     Timer,
 }
 
@@ -82,6 +97,7 @@ pub(super) struct Actor {
     stderr_tail: Vec<u8>,
     exits: VecDeque<Instant>,
     permissions: HashMap<String, Pending>,
+    fallback: Option<FallbackRun>,
     closed: bool,
 }
 
@@ -101,6 +117,7 @@ impl Actor {
             stderr_tail: Vec::new(),
             exits: VecDeque::new(),
             permissions: HashMap::new(),
+            fallback: None,
             closed: false,
         }
     }
@@ -110,7 +127,14 @@ impl Actor {
             let deadline = self.next_deadline();
             let wake = {
                 let child = self.child.as_mut().map(|c| &mut c.proc);
+                let fallback = self.fallback.as_mut().map(|f| &mut f.rx);
                 tokio::select! {
+                    ev = async move {
+                        match fallback {
+                            Some(rx) => rx.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    } => Wake::Fallback(ev),
                     cmd = self.rx.recv() => Wake::Command(cmd),
                     ev = async move {
                         match child {
@@ -131,6 +155,7 @@ impl Actor {
                 // Every handle is gone: nobody can reach this session any more.
                 Wake::Command(None) => self.close(CloseReason::Shutdown).await,
                 Wake::Child(ev) => self.child_event(ev).await,
+                Wake::Fallback(ev) => self.fallback_event(ev).await,
                 Wake::Timer => self.timers().await,
             }
         }
@@ -181,12 +206,15 @@ impl Actor {
             self.touch();
         }
         match cmd {
-            Command::Start { reply } => {
-                if self.shared.profile.persistent && self.child.is_none() {
-                    if let Err(e) = self.spawn_child() {
-                        tracing::warn!(session_id = %self.shared.id, error = %e, "spawn failed");
-                        self.set_state(SessionState::Suspended, Some("spawn_failed"));
-                    }
+            Command::Start { warm, reply } => {
+                if let Some(proc) = warm {
+                    tracing::info!(session_id = %self.shared.id, pid = proc.pid(), "took a prewarmed child");
+                    self.adopt(proc);
+                } else if !self.shared.profile.persistent {
+                    self.set_state(SessionState::Idle, Some("fallback"));
+                } else if let Err(e) = self.spawn_child() {
+                    tracing::warn!(session_id = %self.shared.id, error = %e, "spawn failed");
+                    self.set_state(SessionState::Suspended, Some("spawn_failed"));
                 }
                 let _ = reply.send(());
             }
@@ -206,7 +234,7 @@ impl Actor {
             }
             Command::Interrupt { reply } => {
                 let result = if let Some(id) = self.current.as_ref().map(|c| c.id) {
-                    self.request_stop(StopReason::Interrupted);
+                    self.request_stop(StopReason::Interrupted).await;
                     Ok(id)
                 } else {
                     Err(ApiError::Conflict("no message is running".into()))
@@ -302,6 +330,21 @@ impl Actor {
                 }
                 return;
             }
+            let mut fallback = !self.shared.profile.persistent;
+            if !fallback && self.child.is_none() {
+                if let Err(e) = self.spawn_child() {
+                    if self.shared.profile.oneshot_command.is_some() {
+                        tracing::warn!(session_id = %self.shared.id, error = %e, "cannot start the persistent child; running the message through the one-shot command");
+                        fallback = true;
+                    }
+                }
+            }
+            if fallback {
+                let q = self.queue.pop_front().expect("non-empty");
+                self.sync_queued();
+                self.start_fallback(q);
+                return;
+            }
             if self.child.is_none() {
                 if let Err(e) = self.spawn_child() {
                     let q = self.queue.pop_front().expect("non-empty");
@@ -327,6 +370,7 @@ impl Actor {
             let now = Instant::now();
             self.current = Some(Current {
                 id: q.id,
+                fallback: false,
                 started: now,
                 deadline: now + q.timeout,
                 output: String::new(),
@@ -348,26 +392,21 @@ impl Actor {
 
     fn spawn_child(&mut self) -> std::io::Result<()> {
         let profile = &self.shared.profile;
-        let mut argv = profile.command.clone();
-        if profile.protocol == ProtocolKind::ClaudeStreamJson {
-            if let Some(id) = self.shared.status().agent_session_id.clone() {
-                argv.extend(["--resume".to_string(), id]);
-            }
-            if profile.permission_relay {
-                argv.extend(["--permission-prompt-tool".to_string(), "stdio".to_string()]);
-            }
-        }
+        let resume = self.shared.status().agent_session_id.clone();
         self.registry.make_room(self.shared.id);
-        let proc = ChildProcess::spawn(&SpawnSpec {
-            argv,
-            env: child_env(profile),
-            cwd: self.shared.cwd.clone().or_else(|| profile.cwd.clone()),
-            merge_stderr: profile.merge_stderr,
-        })?;
+        let spec = spawn_spec(profile, self.shared.cwd.clone(), resume.as_deref());
+        let proc = ChildProcess::spawn(&spec)?;
+        tracing::info!(session_id = %self.shared.id, pid = proc.pid(), resume = ?resume, "child started");
+        self.adopt(proc);
+        Ok(())
+    }
+
+    /// Makes `proc` this session's child.
+    fn adopt(&mut self, proc: ChildProcess) {
+        let profile = &self.shared.profile;
         self.registry.child_started();
         let adapter = protocol::persistent(profile);
         let ready = !adapter.needs_ready();
-        tracing::info!(session_id = %self.shared.id, pid = proc.pid(), "child started");
         self.child = Some(Child {
             proc,
             adapter,
@@ -378,7 +417,82 @@ impl Actor {
         if ready {
             self.set_state(SessionState::Idle, None);
         }
-        Ok(())
+    }
+
+    /// Runs `q` through the one-shot command (claude: resuming the conversation).
+    fn start_fallback(&mut self, q: Queued) {
+        let profile = self.shared.profile.clone();
+        let resume = self.shared.status().agent_session_id.clone();
+        let argv = profile.oneshot_argv(resume.as_deref());
+        let cwd = self.shared.cwd.clone();
+        let max_output = self.registry.config.max_output;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let timeout = q.timeout;
+        let content = q.content;
+        let task = tokio::spawn(async move {
+            let result =
+                crate::oneshot::run(&profile, argv, cwd, &content, timeout, max_output, |s| {
+                    let _ = tx.send(FallbackEvent::Signal(s.clone()));
+                })
+                .await;
+            let _ = tx.send(FallbackEvent::Done(result));
+        });
+        self.fallback = Some(FallbackRun { rx, task });
+        let now = Instant::now();
+        self.current = Some(Current {
+            id: q.id,
+            fallback: true,
+            started: now,
+            // The run enforces the timeout itself; this deadline is a backstop.
+            deadline: now + timeout + Duration::from_secs(5),
+            output: String::new(),
+            last_output: now,
+            stop: None,
+            kill_at: None,
+        });
+        self.update_message(q.id, |m| {
+            m.status = MessageStatus::Running;
+            m.started_at = Some(OffsetDateTime::now_utc());
+            m.fallback = true;
+        });
+        self.publish(
+            "message.started",
+            Some(q.id),
+            json!({"message_id": q.id, "fallback": true}),
+        );
+        self.set_state(SessionState::Busy, None);
+    }
+
+    async fn fallback_event(&mut self, ev: Option<FallbackEvent>) {
+        self.touch();
+        match ev {
+            // A one-shot's own end is reported by its RunResult.
+            Some(FallbackEvent::Signal(Signal::Done(_))) => {}
+            Some(FallbackEvent::Signal(signal)) => self.apply(vec![signal]).await,
+            Some(FallbackEvent::Done(result)) => {
+                self.fallback = None;
+                if let Some(id) = result.agent_session_id.clone() {
+                    self.shared.status().agent_session_id = Some(id);
+                }
+                let outcome = match result.error {
+                    None => Ok(Some(result.output)),
+                    Some(e) => Err((e.code, e.detail)),
+                };
+                self.finish(outcome, result.usage);
+                self.try_start_next().await;
+            }
+            None => {
+                self.fallback = None;
+                self.finish(
+                    Err((
+                        FailureCode::ProcessExited,
+                        "the one-shot run ended without a result".into(),
+                    )),
+                    None,
+                );
+                self.try_start_next().await;
+            }
+        }
     }
 
     /// Records an unexpected exit; true when the restart budget is spent.
@@ -396,7 +510,7 @@ impl Actor {
         self.exits.len() > profile.restart_budget
     }
 
-    fn request_stop(&mut self, reason: StopReason) {
+    async fn request_stop(&mut self, reason: StopReason) {
         let grace = self.shared.profile.interrupt_grace;
         let Some(cur) = self.current.as_mut() else {
             return;
@@ -405,6 +519,13 @@ impl Actor {
             return;
         }
         cur.stop = Some(reason);
+        if let Some(run) = self.fallback.take() {
+            // Aborting the run drops its child, which kills the child's group.
+            run.task.abort();
+            self.finish(Err((FailureCode::Interrupted, String::new())), None);
+            self.try_start_next().await;
+            return;
+        }
         cur.kill_at = Some(Instant::now() + grace);
         if let Some(child) = self.child.as_mut() {
             match child.adapter.interrupt() {
@@ -513,7 +634,7 @@ impl Actor {
                         continue;
                     }
                     if cur.output.len() + text.len() > max {
-                        self.request_stop(StopReason::OutputLimit);
+                        self.request_stop(StopReason::OutputLimit).await;
                         // Past the cap the child is out of step: end it now.
                         if let Some(c) = self.child.as_ref() {
                             c.proc.signal(Sig::SIGKILL);
@@ -634,7 +755,7 @@ impl Actor {
         tracing::info!(session_id = %self.shared.id, message_id = %cur.id, ?status, duration_ms, "message finished");
         match error {
             None => {
-                let mut data = json!({"message_id": cur.id, "output": output, "duration_ms": duration_ms, "fallback": false});
+                let mut data = json!({"message_id": cur.id, "output": output, "duration_ms": duration_ms, "fallback": cur.fallback});
                 if let Some(usage) = usage {
                     data["usage"] = usage;
                 }
@@ -650,7 +771,8 @@ impl Actor {
         }
         self.permissions.clear();
         self.shared.finished.send_modify(|n| *n += 1);
-        if self.child.as_ref().is_some_and(|c| c.ready) && self.queue.is_empty() {
+        let free = self.child.as_ref().is_some_and(|c| c.ready) || !self.shared.profile.persistent;
+        if free && self.queue.is_empty() {
             self.set_state(SessionState::Idle, None);
         }
     }
@@ -705,7 +827,8 @@ impl Actor {
         if let Some(cur) = self.current.as_mut() {
             if cur.stop.is_none() && now >= cur.deadline {
                 tracing::info!(session_id = %self.shared.id, message_id = %cur.id, "message timed out");
-                self.request_stop(StopReason::Timeout);
+                self.request_stop(StopReason::Timeout).await;
+                return;
             } else if let Some(kill_at) = cur.kill_at.filter(|t| now >= *t) {
                 let _ = kill_at;
                 cur.kill_at = None;
@@ -770,6 +893,9 @@ impl Actor {
                 "the session was closed: the agent kept exiting (restart budget spent)"
             }
         };
+        if let Some(run) = self.fallback.take() {
+            run.task.abort();
+        }
         if self.current.is_some() {
             self.finish(Err((FailureCode::Shutdown, detail.to_string())), None);
             // `finish` keeps a stop reason if one was pending; a close overrides nothing else.

@@ -8,6 +8,7 @@
 
 mod actor;
 pub mod events;
+pub mod prewarm;
 pub mod reaper;
 mod registry;
 
@@ -45,6 +46,7 @@ pub enum CloseReason {
 /// A request to a session's task.
 pub(crate) enum Command {
     Start {
+        warm: Option<crate::process::ChildProcess>,
         reply: oneshot::Sender<()>,
     },
     Send {

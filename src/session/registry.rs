@@ -27,6 +27,7 @@ pub struct Registry {
     reserved: AtomicUsize,
     live_children: AtomicUsize,
     shutting_down: AtomicBool,
+    pool: super::prewarm::Pool,
 }
 
 impl Registry {
@@ -38,6 +39,7 @@ impl Registry {
             reserved: AtomicUsize::new(0),
             live_children: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
+            pool: Default::default(),
         })
     }
 
@@ -99,10 +101,19 @@ impl Registry {
         let span = tracing::info_span!("session", session_id = %id, agent = %profile.name);
         tokio::spawn(Actor::new(shared, self.clone(), rx).run().instrument(span));
         tracing::info!(session_id = %id, agent = %profile.name, "session created");
+        // A warm child was started with the profile's cwd: only for sessions without their own.
+        let warm = (profile.prewarm > 0 && handle.shared.cwd.is_none())
+            .then(|| self.pool.take(&profile.name))
+            .flatten();
         let (reply, started) = tokio::sync::oneshot::channel();
-        let _ = handle.tx.send(Command::Start { reply }).await;
+        let _ = handle.tx.send(Command::Start { warm, reply }).await;
         let _ = started.await;
         Ok(handle)
+    }
+
+    /// The prewarm pool.
+    pub fn pool(&self) -> &super::prewarm::Pool {
+        &self.pool
     }
 
     /// The session `id`.
