@@ -201,6 +201,8 @@ pub struct Agent {
     pub description: String,
     /// Children kept started ahead.
     pub prewarm: usize,
+    /// Warm children ready right now.
+    pub warm: usize,
 }
 
 /// `GET /agents` answer.

@@ -518,3 +518,54 @@ async fn agents_list_and_health() {
     assert!(spec.starts_with("openapi: 3.1"));
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn fallback_runs_each_message_through_the_oneshot_command() {
+    let gw = Gateway::start(|c| {
+        c.add_profiles_toml(
+            "fallback",
+            r#"
+            [agents.nopersist]
+            command = ["python3", "-i", "-q", "-u"]
+            protocol = "lines"
+            prompt = ">>> "
+            oneshot_command = ["python3", "-q", "-u", "-"]
+            persistent = false
+
+            [agents.broken]
+            command = ["/nonexistent/agent"]
+            protocol = "lines"
+            quiet_ms = 100
+            oneshot_command = ["sed", "-u", "s/^/echo: /"]
+
+            [agents.missing]
+            command = ["/nonexistent/agent"]
+            protocol = "lines"
+            quiet_ms = 100
+            restart_budget = 1
+            "#,
+        )
+        .unwrap();
+    })
+    .await;
+    let s = gw.create("nopersist").await;
+    assert!(s["pid"].is_null());
+    let id = s["id"].as_str().unwrap();
+    let m = gw.ask(id, "print(6 * 7)").await;
+    assert_eq!((m["output"].as_str(), m["fallback"].as_bool()), (Some("42\n"), Some(true)));
+
+    let id = gw.create("broken").await["id"].as_str().unwrap().to_string();
+    let m = gw.ask(&id, "hi").await;
+    assert_eq!((m["output"].as_str(), m["fallback"].as_bool()), (Some("echo: hi\n"), Some(true)));
+
+    let id = gw.create("missing").await["id"].as_str().unwrap().to_string();
+    assert_eq!(gw.session(&id).await["state"], "suspended");
+    let m = gw.ask(&id, "hi").await;
+    assert_eq!(m["error"]["code"], "spawn_failed");
+    assert!(m["error"]["detail"].as_str().unwrap().contains("/nonexistent/agent"));
+    // Past the restart budget the session is closed for good.
+    let m = gw.ask(&id, "again").await;
+    assert_eq!(m["error"]["code"], "spawn_failed");
+    eventually(T, || async { gw.get(&format!("/sessions/{id}")).await.status() == 404 }).await;
+    gw.stop().await;
+}

@@ -130,6 +130,7 @@ pub fn agents(state: AppState) -> Response {
             default: p.name == config.default_agent,
             description: p.description.clone(),
             prewarm: p.prewarm,
+            warm: state.registry.pool().ready(&p.name),
         })
         .collect();
     json_response(StatusCode::OK, &AgentList { agents })
