@@ -8,22 +8,6 @@ use common::*;
 
 const T: Duration = Duration::from_secs(20);
 
-/// Live children of this test process (this file holds one test, so they are its own).
-fn my_children() -> Vec<u32> {
-    let me = std::process::id().to_string();
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let Some(close) = stat.rfind(')') else { continue };
-        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        if fields[1] == me && fields[0] != "Z" {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 #[tokio::test]
 async fn a_prewarmed_child_is_handed_to_a_new_session_and_replaced() {
     let gw = Gateway::start(|c| {
@@ -43,16 +27,31 @@ async fn a_prewarmed_child_is_handed_to_a_new_session_and_replaced() {
     .await;
     let warm = || async {
         let agents = gw.get_json("/agents").await;
-        agents["agents"].as_array().unwrap().iter().find(|a| a["name"] == "warm").unwrap()["warm"].as_u64().unwrap()
+        agents["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == "warm")
+            .unwrap()["warm"]
+            .as_u64()
+            .unwrap()
     };
     eventually(T, || async { warm().await == 1 }).await;
-    let before = my_children();
+    let before = children_of_this_process();
     let s = gw.create("warm").await;
     let pid = s["pid"].as_u64().unwrap() as u32;
-    assert!(before.contains(&pid), "the session got the warm child {before:?}, not a new one ({pid})");
-    assert_eq!(gw.ask(s["id"].as_str().unwrap(), "print('warm')").await["output"], "warm\n");
+    assert!(
+        before.contains(&pid),
+        "the session got the warm child {before:?}, not a new one ({pid})"
+    );
+    assert_eq!(
+        gw.ask(s["id"].as_str().unwrap(), "print('warm')").await["output"],
+        "warm\n"
+    );
     eventually(T, || async { warm().await == 1 }).await;
     gw.stop().await;
-    assert!(my_children().is_empty(), "warm and session children are stopped at shutdown");
+    assert!(
+        children_of_this_process().is_empty(),
+        "warm and session children are stopped at shutdown"
+    );
 }
-

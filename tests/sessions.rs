@@ -552,20 +552,38 @@ async fn fallback_runs_each_message_through_the_oneshot_command() {
     assert!(s["pid"].is_null());
     let id = s["id"].as_str().unwrap();
     let m = gw.ask(id, "print(6 * 7)").await;
-    assert_eq!((m["output"].as_str(), m["fallback"].as_bool()), (Some("42\n"), Some(true)));
+    assert_eq!(
+        (m["output"].as_str(), m["fallback"].as_bool()),
+        (Some("42\n"), Some(true))
+    );
 
-    let id = gw.create("broken").await["id"].as_str().unwrap().to_string();
+    let id = gw.create("broken").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let m = gw.ask(&id, "hi").await;
-    assert_eq!((m["output"].as_str(), m["fallback"].as_bool()), (Some("echo: hi\n"), Some(true)));
+    assert_eq!(
+        (m["output"].as_str(), m["fallback"].as_bool()),
+        (Some("echo: hi\n"), Some(true))
+    );
 
-    let id = gw.create("missing").await["id"].as_str().unwrap().to_string();
+    let id = gw.create("missing").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(gw.session(&id).await["state"], "suspended");
     let m = gw.ask(&id, "hi").await;
     assert_eq!(m["error"]["code"], "spawn_failed");
-    assert!(m["error"]["detail"].as_str().unwrap().contains("/nonexistent/agent"));
+    assert!(m["error"]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("/nonexistent/agent"));
     // Past the restart budget the session is closed for good.
     let m = gw.ask(&id, "again").await;
     assert_eq!(m["error"]["code"], "spawn_failed");
-    eventually(T, || async { gw.get(&format!("/sessions/{id}")).await.status() == 404 }).await;
+    eventually(T, || async {
+        gw.get(&format!("/sessions/{id}")).await.status() == 404
+    })
+    .await;
     gw.stop().await;
 }

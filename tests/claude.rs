@@ -1,0 +1,341 @@
+//! The real Claude Code CLI behind the gateway, offline against the suite's
+//! mock of the Anthropic Messages API: context, deltas, agent events, resume
+//! after reaping and after kill -9, interrupt, permission relay, one-shot,
+//! fallback and prewarm.
+
+mod common;
+#[path = "support/mock_anthropic.rs"]
+mod mock_anthropic;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentgate::config::{claude_profile, AgentProfile, Config};
+use common::*;
+use mock_anthropic::{claude_bin, temp_home, MockAnthropic};
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(60);
+
+/// A gateway whose `claude` profile talks to `mock` with a fresh HOME.
+struct Rig {
+    gw: Gateway,
+    mock: MockAnthropic,
+    home: tempfile::TempDir,
+}
+
+fn claude_for(
+    mock: &MockAnthropic,
+    home: &std::path::Path,
+    tweak: impl FnOnce(&mut AgentProfile),
+) -> AgentProfile {
+    let mut p = claude_profile(&claude_bin());
+    // Only what the mock needs: nothing of the runner's own ANTHROPIC_*/CLAUDE_* leaks in.
+    p.pass_env.clear();
+    p.env = mock.child_env(home).into_iter().collect();
+    p.cwd = Some(home.to_path_buf());
+    p.stop_grace = Duration::from_secs(5);
+    tweak(&mut p);
+    p
+}
+
+impl Rig {
+    async fn start(
+        tweak_profile: impl FnOnce(&mut AgentProfile),
+        tweak: impl FnOnce(&mut Config),
+    ) -> Rig {
+        let mock = MockAnthropic::start().await;
+        let home = temp_home();
+        let profile = claude_for(&mock, home.path(), tweak_profile);
+        let gw = Gateway::start(|c| {
+            c.profiles.insert("claude".into(), Arc::new(profile));
+            tweak(c);
+        })
+        .await;
+        Rig { gw, mock, home }
+    }
+
+    async fn session(&self) -> String {
+        self.gw.create("claude").await["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    fn last_request_len(&self) -> usize {
+        let reqs = self.mock.conversation_requests();
+        reqs.last().unwrap()["messages"].as_array().unwrap().len()
+    }
+}
+
+#[tokio::test]
+async fn context_deltas_and_agent_events_across_three_messages() {
+    let rig = Rig::start(|_| {}, |_| {}).await;
+    let id = rig.session().await;
+    let res = rig
+        .gw
+        .http
+        .post(rig.gw.url(&format!("/sessions/{id}/messages")))
+        .header("accept", "text/event-stream")
+        .json(&json!({"content": "first"}))
+        .send()
+        .await
+        .unwrap();
+    let items = read_sse(res, T, |i| i.event.as_deref() == Some("message.completed")).await;
+    let names: Vec<&str> = items.iter().filter_map(|i| i.event.as_deref()).collect();
+    let first_delta = names
+        .iter()
+        .position(|n| *n == "message.delta")
+        .expect("deltas");
+    assert!(first_delta < names.len() - 1);
+    let kinds: Vec<&str> = items
+        .iter()
+        .filter(|i| i.event.as_deref() == Some("message.agent_event"))
+        .map(|i| i.data["event"]["type"].as_str().unwrap())
+        .collect();
+    for k in ["system", "stream_event", "assistant", "result"] {
+        assert!(kinds.contains(&k), "{k} forwarded: {kinds:?}");
+    }
+    let done = items.last().unwrap();
+    assert_eq!(done.data["output"], "mock reply #1: messages=2; last=first");
+    assert!(
+        done.data["usage"]["usage"].is_object(),
+        "usage kept: {}",
+        done.data
+    );
+    let streamed: String = items
+        .iter()
+        .filter(|i| i.event.as_deref() == Some("message.delta"))
+        .map(|i| i.data["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, "mock reply #1: messages=2; last=first");
+
+    assert_eq!(
+        rig.gw.ask(&id, "second").await["output"],
+        "mock reply #2: messages=4; last=second"
+    );
+    assert_eq!(
+        rig.gw.ask(&id, "third").await["output"],
+        "mock reply #3: messages=6; last=third"
+    );
+    let s = rig.gw.session(&id).await;
+    assert!(s["agent_session_id"].is_string());
+    rig.gw.stop().await;
+}
+
+#[tokio::test]
+async fn resume_after_the_reaper_and_after_kill_9() {
+    let rig = Rig::start(
+        |_| {},
+        |c| {
+            c.idle_timeout = Duration::from_millis(500);
+            c.reap_interval = Duration::from_millis(100);
+        },
+    )
+    .await;
+    let id = rig.session().await;
+    rig.gw.ask(&id, "remember me").await;
+    let pid = rig.gw.session(&id).await["pid"].as_u64().unwrap() as u32;
+    eventually(T, || async {
+        rig.gw.session(&id).await["state"] == "suspended"
+    })
+    .await;
+    eventually(T, || async { !alive(pid) }).await;
+    let m = rig.gw.ask(&id, "after the reaper").await;
+    assert_eq!(m["status"], "completed");
+    assert_eq!(
+        rig.last_request_len(),
+        4,
+        "the resumed child sent the earlier turn"
+    );
+
+    // kill -9 while idle: the next message resumes too.
+    let pid = rig.gw.session(&id).await["pid"].as_u64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually(T, || async {
+        rig.gw.session(&id).await["state"] == "suspended"
+    })
+    .await;
+    let m = rig.gw.ask(&id, "after kill").await;
+    assert_eq!(m["status"], "completed", "{m}");
+    assert_eq!(rig.last_request_len(), 6);
+    rig.gw.stop().await;
+}
+
+#[tokio::test]
+async fn interrupt_a_slow_reply_then_go_on() {
+    let rig = Rig::start(|_| {}, |_| {}).await;
+    let id = rig.session().await;
+    rig.mock.set_delta_delay(Duration::from_millis(500));
+    let m = rig.gw.send(&id, "slow please").await;
+    let mid = m["id"].as_str().unwrap().to_string();
+    // Wait for the first delta: the model is streaming.
+    let res = rig
+        .gw
+        .http
+        .get(rig.gw.url(&format!("/sessions/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    read_sse(res, T, |i| i.event.as_deref() == Some("message.delta")).await;
+    let res = rig
+        .gw
+        .post(&format!("/sessions/{id}/interrupt"), json!({}))
+        .await;
+    assert_eq!(res.status(), 202);
+    let done = rig.gw.finished(&id, &mid).await;
+    assert_eq!(done["status"], "interrupted", "{done}");
+    rig.mock.set_delta_delay(Duration::ZERO);
+    let next = rig.gw.ask(&id, "and now").await;
+    assert_eq!(next["status"], "completed");
+    assert!(
+        next["output"].as_str().unwrap().ends_with("last=and now"),
+        "{next}"
+    );
+    rig.gw.stop().await;
+}
+
+/// Sends a message that makes the model ask for Bash `touch FILE`; returns
+/// the message id, the permission request event and the file path.
+async fn ask_for_touch(rig: &Rig, id: &str, name: &str) -> (String, Value, std::path::PathBuf) {
+    let file = rig.home.path().join(name);
+    rig.mock.push_bash(&format!("touch {}", file.display()));
+    let m = rig.gw.send(id, "please touch the file").await;
+    let mid = m["id"].as_str().unwrap().to_string();
+    let res = rig
+        .gw
+        .http
+        .get(rig.gw.url(&format!("/sessions/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    let items = read_sse(res, T, |i| {
+        i.event.as_deref() == Some("message.permission_request")
+            && i.data["message_id"] == mid.as_str()
+    })
+    .await;
+    let req = items.last().unwrap().data.clone();
+    assert_eq!(req["tool_name"], "Bash");
+    assert!(req["input"]["command"].as_str().unwrap().contains("touch"));
+    (mid, req, file)
+}
+
+#[tokio::test]
+async fn permission_allow_deny_and_timeout() {
+    let rig = Rig::start(|p| p.permission_timeout = Duration::from_secs(1), |_| {}).await;
+    let id = rig.session().await;
+
+    let (mid, req, file) = ask_for_touch(&rig, &id, "allowed").await;
+    let rid = req["request_id"].as_str().unwrap();
+    let res = rig
+        .gw
+        .post(
+            &format!("/sessions/{id}/permissions/{rid}"),
+            json!({"behavior": "allow"}),
+        )
+        .await;
+    assert_eq!(res.status(), 204);
+    assert_eq!(rig.gw.finished(&id, &mid).await["status"], "completed");
+    assert!(file.exists(), "allow ran the tool");
+    // Answered ids are gone.
+    let res = rig
+        .gw
+        .post(
+            &format!("/sessions/{id}/permissions/{rid}"),
+            json!({"behavior": "allow"}),
+        )
+        .await;
+    assert_problem(res, 404).await;
+
+    let (mid, req, file) = ask_for_touch(&rig, &id, "denied").await;
+    let rid = req["request_id"].as_str().unwrap();
+    let res = rig
+        .gw
+        .post(
+            &format!("/sessions/{id}/permissions/{rid}"),
+            json!({"behavior": "deny", "message": "not today"}),
+        )
+        .await;
+    assert_eq!(res.status(), 204);
+    let done = rig.gw.finished(&id, &mid).await;
+    assert_eq!(done["status"], "completed");
+    assert!(!file.exists(), "deny did not run the tool");
+    let tool_result = rig.mock.conversation_requests().last().unwrap().to_string();
+    assert!(
+        tool_result.contains("not today"),
+        "the model saw the reason"
+    );
+
+    // Nobody answers: denied after the profile's permission_timeout.
+    let (mid, _req, file) = ask_for_touch(&rig, &id, "timed-out").await;
+    let done = rig.gw.finished(&id, &mid).await;
+    assert_eq!(done["status"], "completed");
+    assert!(!file.exists());
+    assert!(rig
+        .mock
+        .conversation_requests()
+        .last()
+        .unwrap()
+        .to_string()
+        .contains("no answer"));
+    rig.gw.stop().await;
+}
+
+#[tokio::test]
+async fn oneshot_with_claude() {
+    let rig = Rig::start(|_| {}, |_| {}).await;
+    let res = rig
+        .gw
+        .post(
+            "/oneshot",
+            json!({"agent": "claude", "content": "just once"}),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["output"], "mock reply #1: messages=2; last=just once");
+    assert_eq!(body["status"], "completed");
+    assert!(body["agent_session_id"].is_string());
+    rig.gw.stop().await;
+}
+
+#[tokio::test]
+async fn fallback_mode_keeps_context_with_resume() {
+    let rig = Rig::start(|p| p.persistent = false, |_| {}).await;
+    let id = rig.session().await;
+    let one = rig.gw.ask(&id, "one").await;
+    assert_eq!(one["fallback"], true);
+    assert_eq!(one["output"], "mock reply #1: messages=2; last=one");
+    let two = rig.gw.ask(&id, "two").await;
+    assert_eq!(two["output"], "mock reply #2: messages=4; last=two");
+    rig.gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_prewarmed_claude_child_answers_the_first_message() {
+    let rig = Rig::start(|p| p.prewarm = 1, |_| {}).await;
+    let warm = || async {
+        let agents = rig.gw.get_json("/agents").await;
+        agents["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == "claude")
+            .unwrap()["warm"]
+            .as_u64()
+            .unwrap()
+    };
+    eventually(T, || async { warm().await == 1 }).await;
+    let before = children_of_this_process();
+    let s = rig.gw.create("claude").await;
+    let pid = s["pid"].as_u64().unwrap() as u32;
+    assert!(before.contains(&pid), "the session got the warm child");
+    let m = rig.gw.ask(s["id"].as_str().unwrap(), "warm hello").await;
+    assert_eq!(m["output"], "mock reply #1: messages=2; last=warm hello");
+    eventually(T, || async { warm().await == 1 }).await;
+    rig.gw.stop().await;
+}
