@@ -173,6 +173,7 @@ async fn interrupt_a_slow_reply_then_go_on() {
     rig.mock.set_delta_delay(Duration::from_millis(500));
     let m = rig.gw.send(&id, "slow please").await;
     let mid = m["id"].as_str().unwrap().to_string();
+    let queued = rig.gw.send(&id, "queued behind").await;
     // Wait for the first delta: the model is streaming.
     let res = rig
         .gw
@@ -190,6 +191,11 @@ async fn interrupt_a_slow_reply_then_go_on() {
     let done = rig.gw.finished(&id, &mid).await;
     assert_eq!(done["status"], "interrupted", "{done}");
     rig.mock.set_delta_delay(Duration::ZERO);
+    let behind = rig.gw.finished(&id, queued["id"].as_str().unwrap()).await;
+    assert_eq!(
+        behind["status"], "completed",
+        "a queued message still runs: {behind}"
+    );
     let next = rig.gw.ask(&id, "and now").await;
     assert_eq!(next["status"], "completed");
     assert!(

@@ -587,3 +587,26 @@ async fn fallback_runs_each_message_through_the_oneshot_command() {
     .await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_session_without_activity_for_its_ttl_is_removed() {
+    let gw = Gateway::start(|c| {
+        c.session_ttl = Duration::from_millis(400);
+        c.reap_interval = Duration::from_millis(100);
+    })
+    .await;
+    let s = gw.create("sed").await;
+    let id = s["id"].as_str().unwrap().to_string();
+    let pid = s["pid"].as_u64().unwrap() as u32;
+    let res = gw
+        .http
+        .get(gw.url(&format!("/sessions/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    let items = read_sse(res, T, |i| i.event.as_deref() == Some("session.closed")).await;
+    assert_eq!(items.last().unwrap().data["reason"], "expired");
+    assert_problem(gw.get(&format!("/sessions/{id}")).await, 404).await;
+    eventually(T, || async { !alive(pid) }).await;
+    gw.stop().await;
+}
