@@ -31,7 +31,7 @@ pub struct Cli {
     pub config: Option<PathBuf>,
     /// Bearer token every route but /healthz requires.
     #[arg(long, env = "AGENTGATE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// Profile used when a request names none.
     #[arg(long, env = "AGENTGATE_DEFAULT_AGENT")]
     pub default_agent: Option<String>,
@@ -267,13 +267,43 @@ impl ConfigError {
     }
 }
 
+/// A secret such as the bearer token. Its `Debug` never shows the value, so
+/// a `{:?}` of the flags or the configuration cannot put it in a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value itself, for the one place that compares it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Secret {
+        Secret(s)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Secret {
+        Secret(s.to_string())
+    }
+}
+
 /// Everything the gateway needs to run, resolved from flags and the profile file.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Address to listen on.
     pub listen: SocketAddr,
     /// Bearer token, if any.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// Profiles by name.
     pub profiles: BTreeMap<String, Arc<AgentProfile>>,
     /// The profile used when a request names none.
@@ -348,7 +378,7 @@ impl Config {
         }
         Ok(Config {
             listen: cli.listen,
-            token: cli.token.clone().filter(|t| !t.is_empty()),
+            token: cli.token.clone().filter(|t| !t.expose().is_empty()),
             profiles,
             default_agent,
             idle_timeout: cli.idle_timeout,

@@ -5,6 +5,7 @@
 //! path and method filters reject, and the last filter turns a request no
 //! route took into a 404, or a 405 with `Allow` when the path exists.
 
+pub mod guard;
 mod handlers;
 pub mod problem;
 mod sse;
@@ -243,7 +244,8 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
     let log = warp::log::custom(|info| {
         tracing::debug!(method = %info.method(), path = info.path(), status = info.status().as_u16(), elapsed_ms = info.elapsed().as_millis() as u64, "request");
     });
-    api.or(fallback).unify().with(log)
+    let guard = Arc::new(guard::Guard::new(&state.registry.config));
+    guard::protect(guard, api.or(fallback).unify()).with(log)
 }
 
 fn no_route(method: &Method, path: &str) -> Response {
