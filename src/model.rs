@@ -130,6 +130,19 @@ pub struct Session {
     pub cwd: Option<String>,
 }
 
+/// Reads a millisecond count written as an integer or as a float with no
+/// fractional part (`1500.0`), which JSON Schema also calls an integer.
+fn millis<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let v: Option<f64> = Option::deserialize(d)?;
+    match v {
+        None => Ok(None),
+        Some(f) if f.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(&f) => Ok(Some(f as u64)),
+        Some(f) => Err(serde::de::Error::custom(format!(
+            "timeout_ms must be a whole number of milliseconds, not {f}"
+        ))),
+    }
+}
+
 /// `POST /sessions/{id}/messages` body.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -137,6 +150,7 @@ pub struct SendMessage {
     /// The user's input.
     pub content: String,
     /// Per-message timeout in milliseconds (default: the profile's).
+    #[serde(default, deserialize_with = "millis")]
     pub timeout_ms: Option<u64>,
 }
 
@@ -221,6 +235,7 @@ pub struct OneshotRequest {
     /// Profile name; the default profile when absent.
     pub agent: Option<String>,
     /// Timeout in milliseconds (default: the profile's).
+    #[serde(default, deserialize_with = "millis")]
     pub timeout_ms: Option<u64>,
 }
 

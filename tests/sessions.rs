@@ -487,6 +487,17 @@ async fn errors_are_problem_json() {
     // 413
     let big = "x".repeat(8192);
     assert_problem(gw.post(&msgs, json!({"content": big})).await, 413).await;
+    // Bad Last-Event-ID (even non-UTF-8 bytes) → 400, not a route miss.
+    let events = format!("/sessions/{id}/events");
+    let res = gw.http.get(gw.url(&events)).header("last-event-id", "seven").send().await.unwrap();
+    assert_problem(res, 400).await;
+    let bad = reqwest::header::HeaderValue::from_bytes(b"\xff\xfe").unwrap();
+    let res = gw.http.get(gw.url(&events)).header("last-event-id", bad).send().await.unwrap();
+    assert_problem(res, 400).await;
+    // A whole float is a fine number of milliseconds; a fraction is not.
+    let res = gw.post(&format!("{msgs}?wait=true"), json!({"content": "x", "timeout_ms": 5000.0})).await;
+    assert_eq!(res.status(), 200);
+    assert_problem(gw.post(&msgs, json!({"content": "x", "timeout_ms": 1.5})).await, 400).await;
     // 415
     let res = gw
         .http

@@ -127,10 +127,17 @@ fn raw_query() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
     warp::query::raw().or(warp::any().map(String::new)).unify()
 }
 
+/// An optional header as text. Bytes that are not UTF-8 are replaced rather
+/// than rejected, so a bad value reaches the handler and gets a clear 400
+/// instead of falling through to "no route".
 fn header(
     name: &'static str,
-) -> impl Filter<Extract = (Option<String>,), Error = Rejection> + Clone {
-    warp::header::optional::<String>(name)
+) -> impl Filter<Extract = (Option<String>,), Error = Infallible> + Clone {
+    warp::header::headers_cloned().map(move |headers: warp::http::HeaderMap| {
+        headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    })
 }
 
 /// All routes, with the 404/405 fallback and the problem+json recover.
