@@ -345,3 +345,35 @@ async fn a_prewarmed_claude_child_answers_the_first_message() {
     eventually(T, || async { warm().await == 1 }).await;
     rig.gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_conversation_that_cannot_be_resumed_fails_once_then_starts_anew() {
+    let rig = Rig::start(|_| {}, |_| {}).await;
+    let id = rig.session().await;
+    rig.gw.ask(&id, "before").await;
+    // The transcript disappears (a wiped HOME, say) and the child dies.
+    std::fs::remove_dir_all(rig.home.path().join(".claude/projects")).unwrap();
+    let pid = rig.gw.session(&id).await["pid"].as_u64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually(T, || async {
+        rig.gw.session(&id).await["state"] == "suspended"
+    })
+    .await;
+    let failed = rig.gw.ask(&id, "after").await;
+    assert_eq!(failed["status"], "failed");
+    assert!(
+        failed["error"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("No conversation found"),
+        "{failed}"
+    );
+    let fresh = rig.gw.ask(&id, "again").await;
+    assert_eq!(fresh["status"], "completed", "{fresh}");
+    assert_eq!(rig.last_request_len(), 2, "a new conversation");
+    rig.gw.stop().await;
+}

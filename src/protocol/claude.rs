@@ -100,7 +100,14 @@ impl StreamJson {
             _ => {}
         }
         let result = (kind == "result").then(|| outcome_of(&event));
-        if let Some(id) = (kind == "result")
+        // `--resume` of a conversation that no longer exists fails at once, naming the id.
+        let lost = kind == "result"
+            && event["errors"]
+                .to_string()
+                .contains("No conversation found");
+        if lost {
+            out.push(Signal::ConversationLost);
+        } else if let Some(id) = (kind == "result")
             .then(|| event.get("session_id").and_then(Value::as_str))
             .flatten()
         {
@@ -282,6 +289,16 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_lost_conversation_is_reported() {
+        let mut a = StreamJson::new();
+        let out = feed(
+            &mut a,
+            "{\"type\":\"result\",\"subtype\":\"error_during_execution\",\"is_error\":true,\"errors\":[\"No conversation found with session ID: x\"]}\n",
+        );
+        assert!(out.contains(&Signal::ConversationLost));
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub enum Signal {
     },
     /// The agent withdrew a permission request.
     PermissionCancelled(String),
+    /// The agent could not resume its conversation (it no longer exists);
+    /// the next child must start a new one.
+    ConversationLost,
     /// The reply ended.
     Done(Outcome),
 }

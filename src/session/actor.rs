@@ -36,6 +36,8 @@ struct Child {
     proc: ChildProcess,
     adapter: Box<dyn Adapter>,
     ready: bool,
+    /// Being ended on purpose: takes no messages, its exit is no crash.
+    retiring: bool,
     ready_deadline: Instant,
 }
 
@@ -411,6 +413,7 @@ impl Actor {
             proc,
             adapter,
             ready,
+            retiring: false,
             ready_deadline: Instant::now() + READY_TIMEOUT.min(profile.timeout),
         });
         self.set_state(SessionState::Starting, None);
@@ -589,12 +592,13 @@ impl Actor {
                     c.adapter.eof(&mut signals);
                 }
                 self.apply(signals).await;
-                self.child = None;
+                let retiring = self.child.take().is_some_and(|c| c.retiring);
                 self.registry.child_stopped();
                 self.permissions.clear();
                 let exit = describe_exit(&status);
                 tracing::info!(session_id = %self.shared.id, %exit, "child exited");
-                let intentional = self.current.as_ref().is_some_and(|c| c.stop.is_some());
+                let intentional =
+                    retiring || self.current.as_ref().is_some_and(|c| c.stop.is_some());
                 if self.current.is_some() {
                     let tail = String::from_utf8_lossy(&self.stderr_tail)
                         .trim_end()
@@ -682,6 +686,16 @@ impl Actor {
                 }
                 Signal::PermissionCancelled(request_id) => {
                     self.permissions.remove(&request_id);
+                }
+                Signal::ConversationLost => {
+                    let lost = self.shared.status().agent_session_id.take();
+                    tracing::warn!(session_id = %self.shared.id, agent_session_id = ?lost, "the agent's conversation cannot be resumed; the next child starts a new one");
+                    // This child exits by itself; give it no more messages.
+                    if let Some(c) = self.child.as_mut() {
+                        c.ready = false;
+                        c.retiring = true;
+                        c.proc.signal(Sig::SIGTERM);
+                    }
                 }
                 Signal::Done(outcome) => {
                     if self.current.is_some() {

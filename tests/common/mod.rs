@@ -54,6 +54,13 @@ pub struct Gateway {
 impl Gateway {
     /// Starts a gateway with [`PROFILES`] and the built-ins, after `tweak`.
     pub async fn start(tweak: impl FnOnce(&mut Config)) -> Gateway {
+        // AGENTGATE_TEST_LOG=debug shows the gateway's logs with the test output.
+        if let Ok(filter) = std::env::var("AGENTGATE_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         let mut config = Config::defaults(agentgate_bin());
         config
             .add_profiles_toml("test profiles", PROFILES)
