@@ -72,15 +72,7 @@ impl Rig {
 async fn context_deltas_and_agent_events_across_three_messages() {
     let rig = Rig::start(|_| {}, |_| {}).await;
     let id = rig.session().await;
-    let res = rig
-        .gw
-        .http
-        .post(rig.gw.url(&format!("/sessions/{id}/messages")))
-        .header("accept", "text/event-stream")
-        .json(&json!({"content": "first"}))
-        .send()
-        .await
-        .unwrap();
+    let res = rig.gw.stream(&id, json!({"content": "first"})).await;
     let items = read_sse(res, T, |i| i.event.as_deref() == Some("message.completed")).await;
     let names: Vec<&str> = items.iter().filter_map(|i| i.event.as_deref()).collect();
     let first_delta = names
@@ -175,13 +167,7 @@ async fn interrupt_a_slow_reply_then_go_on() {
     let mid = m["id"].as_str().unwrap().to_string();
     let queued = rig.gw.send(&id, "queued behind").await;
     // Wait for the first delta: the model is streaming.
-    let res = rig
-        .gw
-        .http
-        .get(rig.gw.url(&format!("/sessions/{id}/events")))
-        .send()
-        .await
-        .unwrap();
+    let res = rig.gw.events(&id, "").await;
     read_sse(res, T, |i| i.event.as_deref() == Some("message.delta")).await;
     let res = rig
         .gw
@@ -212,13 +198,7 @@ async fn ask_for_touch(rig: &Rig, id: &str, name: &str) -> (String, Value, std::
     rig.mock.push_bash(&format!("touch {}", file.display()));
     let m = rig.gw.send(id, "please touch the file").await;
     let mid = m["id"].as_str().unwrap().to_string();
-    let res = rig
-        .gw
-        .http
-        .get(rig.gw.url(&format!("/sessions/{id}/events")))
-        .send()
-        .await
-        .unwrap();
+    let res = rig.gw.events(&id, "").await;
     let items = read_sse(res, T, |i| {
         i.event.as_deref() == Some("message.permission_request")
             && i.data["message_id"] == mid.as_str()

@@ -56,14 +56,7 @@ async fn a_character_written_in_two_pieces_is_not_mangled() {
     })
     .await;
     let id = gw.create("split").await["id"].as_str().unwrap().to_string();
-    let res = gw
-        .http
-        .post(gw.url(&format!("/sessions/{id}/messages")))
-        .header("accept", "text/event-stream")
-        .json(&json!({"content": "go"}))
-        .send()
-        .await
-        .unwrap();
+    let res = gw.stream(&id, json!({"content": "go"})).await;
     let items = read_sse(res, T, |i| i.event.as_deref() == Some("message.completed")).await;
     let deltas: Vec<String> = items
         .iter()
@@ -81,14 +74,7 @@ async fn a_character_written_in_two_pieces_is_not_mangled() {
 async fn demo_agent_streams_in_order_with_growing_ids_and_remembers() {
     let gw = Gateway::start(|_| {}).await;
     let id = gw.create("demo").await["id"].as_str().unwrap().to_string();
-    let res = gw
-        .http
-        .post(gw.url(&format!("/sessions/{id}/messages")))
-        .header("accept", "text/event-stream")
-        .json(&json!({"content": "my name is Ada"}))
-        .send()
-        .await
-        .unwrap();
+    let res = gw.stream(&id, json!({"content": "my name is Ada"})).await;
     let items = read_sse(res, T, |i| i.event.as_deref() == Some("message.completed")).await;
     assert!(items[0].retry.is_some(), "a retry hint comes first");
     let names: Vec<&str> = items.iter().filter_map(|i| i.event.as_deref()).collect();
@@ -105,12 +91,7 @@ async fn demo_agent_streams_in_order_with_growing_ids_and_remembers() {
     assert_eq!(second["output"], "First you said: \"my name is Ada\"\n");
 
     // The session log: every id from 1, no holes, in order.
-    let res = gw
-        .http
-        .get(gw.url(&format!("/sessions/{id}/events")))
-        .send()
-        .await
-        .unwrap();
+    let res = gw.events(&id, "").await;
     let all = read_sse(res, T, |i| {
         i.data["message_id"] == second["id"] && i.event.as_deref() == Some("message.completed")
     })
@@ -246,12 +227,7 @@ async fn the_reaper_ends_idle_children_and_the_next_message_starts_one() {
     assert_eq!(m["output"], "back\n");
     let new_pid = gw.session(&id).await["pid"].as_u64().unwrap() as u32;
     assert_ne!(new_pid, pid);
-    let res = gw
-        .http
-        .get(gw.url(&format!("/sessions/{id}/events")))
-        .send()
-        .await
-        .unwrap();
+    let res = gw.events(&id, "").await;
     let items = read_sse(res, T, |i| i.data["reason"] == "idle").await;
     assert_eq!(items.last().unwrap().data["state"], "suspended");
     gw.stop().await;
@@ -369,13 +345,11 @@ async fn a_client_leaving_an_sse_stream_does_not_stop_the_message() {
         .unwrap()
         .to_string();
     let res = gw
-        .http
-        .post(gw.url(&format!("/sessions/{id}/messages")))
-        .header("accept", "text/event-stream")
-        .json(&json!({"content": "import time; time.sleep(0.3); print('done')"}))
-        .send()
-        .await
-        .unwrap();
+        .stream(
+            &id,
+            json!({"content": "import time; time.sleep(0.3); print('done')"}),
+        )
+        .await;
     let location = res.headers()["location"].to_str().unwrap().to_string();
     let items = read_sse(res, T, |i| i.event.as_deref() == Some("message.started")).await;
     let mid = items.last().unwrap().data["message_id"]
@@ -386,12 +360,7 @@ async fn a_client_leaving_an_sse_stream_does_not_stop_the_message() {
     // The response was dropped above; the message still completes.
     let done = gw.finished(&id, &mid).await;
     assert_eq!(done["output"], "done\n");
-    let res = gw
-        .http
-        .get(gw.url(&format!("/sessions/{id}/events")))
-        .send()
-        .await
-        .unwrap();
+    let res = gw.events(&id, "").await;
     let replay = read_sse(res, T, |i| i.event.as_deref() == Some("message.completed")).await;
     assert_eq!(replay.last().unwrap().data["output"], "done\n");
     gw.stop().await;
@@ -489,15 +458,37 @@ async fn errors_are_problem_json() {
     assert_problem(gw.post(&msgs, json!({"content": big})).await, 413).await;
     // Bad Last-Event-ID (even non-UTF-8 bytes) → 400, not a route miss.
     let events = format!("/sessions/{id}/events");
-    let res = gw.http.get(gw.url(&events)).header("last-event-id", "seven").send().await.unwrap();
+    let res = gw
+        .http
+        .get(gw.url(&events))
+        .header("last-event-id", "seven")
+        .send()
+        .await
+        .unwrap();
     assert_problem(res, 400).await;
     let bad = reqwest::header::HeaderValue::from_bytes(b"\xff\xfe").unwrap();
-    let res = gw.http.get(gw.url(&events)).header("last-event-id", bad).send().await.unwrap();
+    let res = gw
+        .http
+        .get(gw.url(&events))
+        .header("last-event-id", bad)
+        .send()
+        .await
+        .unwrap();
     assert_problem(res, 400).await;
     // A whole float is a fine number of milliseconds; a fraction is not.
-    let res = gw.post(&format!("{msgs}?wait=true"), json!({"content": "x", "timeout_ms": 5000.0})).await;
+    let res = gw
+        .post(
+            &format!("{msgs}?wait=true"),
+            json!({"content": "x", "timeout_ms": 5000.0}),
+        )
+        .await;
     assert_eq!(res.status(), 200);
-    assert_problem(gw.post(&msgs, json!({"content": "x", "timeout_ms": 1.5})).await, 400).await;
+    assert_problem(
+        gw.post(&msgs, json!({"content": "x", "timeout_ms": 1.5}))
+            .await,
+        400,
+    )
+    .await;
     // 415
     let res = gw
         .http
@@ -609,12 +600,7 @@ async fn a_session_without_activity_for_its_ttl_is_removed() {
     let s = gw.create("sed").await;
     let id = s["id"].as_str().unwrap().to_string();
     let pid = s["pid"].as_u64().unwrap() as u32;
-    let res = gw
-        .http
-        .get(gw.url(&format!("/sessions/{id}/events")))
-        .send()
-        .await
-        .unwrap();
+    let res = gw.events(&id, "").await;
     let items = read_sse(res, T, |i| i.event.as_deref() == Some("session.closed")).await;
     assert_eq!(items.last().unwrap().data["reason"], "expired");
     assert_problem(gw.get(&format!("/sessions/{id}")).await, 404).await;

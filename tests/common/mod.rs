@@ -110,28 +110,39 @@ impl Gateway {
         res.json().await.unwrap()
     }
 
+    /// Posts `content` to `/sessions/{session}/messages{query}`, expects `status`.
+    async fn post_message(&self, session: &str, query: &str, content: &str, status: u16) -> Value {
+        let path = format!("/sessions/{session}/messages{query}");
+        let res = self.post(&path, json!({"content": content})).await;
+        assert_eq!(res.status(), status, "POST {path} {content:?}");
+        res.json().await.unwrap()
+    }
+
     /// Sends `content` with `?wait=true`; returns the finished message.
     pub async fn ask(&self, session: &str, content: &str) -> Value {
-        let res = self
-            .post(
-                &format!("/sessions/{session}/messages?wait=true"),
-                json!({"content": content}),
-            )
-            .await;
-        assert_eq!(res.status(), 200, "ask {content:?}");
-        res.json().await.unwrap()
+        self.post_message(session, "?wait=true", content, 200).await
     }
 
     /// Sends `content` without waiting (202); returns the accepted message.
     pub async fn send(&self, session: &str, content: &str) -> Value {
-        let res = self
-            .post(
-                &format!("/sessions/{session}/messages"),
-                json!({"content": content}),
-            )
-            .await;
-        assert_eq!(res.status(), 202, "send {content:?}");
-        res.json().await.unwrap()
+        self.post_message(session, "", content, 202).await
+    }
+
+    /// Sends `body` with `Accept: text/event-stream`: the message's own SSE stream.
+    pub async fn stream(&self, session: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(self.url(&format!("/sessions/{session}/messages")))
+            .header("accept", "text/event-stream")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `GET /sessions/{session}/events{query}`: the session's SSE log.
+    pub async fn events(&self, session: &str, query: &str) -> reqwest::Response {
+        self.get(&format!("/sessions/{session}/events{query}"))
+            .await
     }
 
     pub async fn session(&self, id: &str) -> Value {
