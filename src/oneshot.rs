@@ -93,27 +93,30 @@ pub async fn run(
             }
         };
         let mut signals = Vec::new();
-        match event {
-            ChildEvent::Stdout(b) => adapter.stdout(&b, &mut signals),
+        let exited = match event {
+            ChildEvent::Stdout(b) => {
+                adapter.stdout(&b, &mut signals);
+                None
+            }
             ChildEvent::Stderr(b) => {
                 stderr.extend_from_slice(&b);
                 let excess = stderr.len().saturating_sub(4096);
                 stderr.drain(..excess);
                 adapter.stderr(&b, &mut signals);
+                None
             }
             ChildEvent::Exited(status) => {
                 adapter.eof(&mut signals);
-                for s in &signals {
-                    absorb(s, &mut result, &mut done, &mut failure, max_output, &child);
-                    on_signal(s);
-                }
-                break status;
+                Some(status)
             }
-        }
+        };
         for s in &signals {
             if absorb(s, &mut result, &mut done, &mut failure, max_output, &child) {
                 on_signal(s);
             }
+        }
+        if let Some(status) = exited {
+            break status;
         }
     };
     result.exit_code = status.code();

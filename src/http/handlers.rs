@@ -385,7 +385,7 @@ pub async fn oneshot(
         let guard = Arc::new(AbortOnDrop(task.abort_handle()));
         if wants_sse(&accept) {
             let sub = log.subscribe(0);
-            return Ok(sse::response(sub, Scope::Message(mid), config_heartbeat(&state), state.shutdown.clone(), Some(guard)));
+            return Ok(sse::response(sub, Scope::Message(mid), state.registry.config.heartbeat, state.shutdown.clone(), Some(guard)));
         }
         let result = task.await.map_err(|e| ApiError::Internal(format!("oneshot task: {e}")))?;
         drop(guard);
@@ -413,8 +413,4 @@ pub async fn oneshot(
         ))
     }
     .await)
-}
-
-fn config_heartbeat(state: &AppState) -> Duration {
-    state.registry.config.heartbeat
 }

@@ -843,8 +843,7 @@ impl Actor {
                 tracing::info!(session_id = %self.shared.id, message_id = %cur.id, "message timed out");
                 self.request_stop(StopReason::Timeout).await;
                 return;
-            } else if let Some(kill_at) = cur.kill_at.filter(|t| now >= *t) {
-                let _ = kill_at;
+            } else if cur.kill_at.is_some_and(|t| now >= t) {
                 cur.kill_at = None;
                 if let Some(c) = self.child.as_ref() {
                     tracing::info!(session_id = %self.shared.id, pid = c.proc.pid(), "reply did not end after the interrupt; killing the child");
