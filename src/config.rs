@@ -428,10 +428,13 @@ fn parse_profiles(
 ) -> Result<(BTreeMap<String, AgentProfile>, Option<String>), ConfigError> {
     let parsed: ProfileFile = toml::from_str(text).map_err(|e| {
         // toml's message names the key path and line; keep it on one line.
-        let msg = e.message().to_string();
+        let msg = e.message().trim().replace('\n', "; ");
         let place = e
             .span()
-            .map(|s| format!("line {}", text[..s.start].lines().count().max(1)))
+            .map(|s| {
+                let before = text.get(..s.start).unwrap_or(text);
+                format!("line {}", before.matches('\n').count() + 1)
+            })
             .unwrap_or_else(|| "file".to_string());
         ConfigError::new(file, place, msg)
     })?;
