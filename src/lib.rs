@@ -11,7 +11,7 @@
 //! - [`protocol`] — pure adapters: how input is framed and how output becomes text, events and the end of a reply (`lines`, `claude-stream-json`).
 //! - [`session`] — the registry of handles, the task that owns each child, the event log with replay, the reaper.
 //! - [`oneshot`] — one process per request.
-//! - [`http`] — warp routes, handlers, SSE, problem+json.
+//! - [`http`] — warp routes, handlers, SSE, problem+json, and the guard in front of them (token, Host and Origin allowlists, CORS).
 //! - [`demo`] — the built-in demo agent (`agentgate demo-agent`).
 
 pub mod config;

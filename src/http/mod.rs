@@ -3,7 +3,9 @@
 //!
 //! Handlers never reject: they answer with a response, errors included. Only
 //! path and method filters reject, and the last filter turns a request no
-//! route took into a 404, or a 405 with `Allow` when the path exists.
+//! route took into a 404, or a 405 with `Allow` when the path exists. In
+//! front of all of them, [`guard`] checks the Host, the Origin and the token,
+//! and answers CORS preflights.
 
 pub mod guard;
 mod handlers;
