@@ -698,7 +698,13 @@ impl Actor {
                     }
                 }
                 Signal::Done(outcome) => {
-                    if self.current.is_some() {
+                    // Past the output cap the child was SIGKILLed: its reply
+                    // ends with its exit, so no next message is written to it.
+                    let killed = self
+                        .current
+                        .as_ref()
+                        .is_some_and(|c| c.stop == Some(StopReason::OutputLimit));
+                    if self.current.is_some() && !killed {
                         let Outcome { result, usage } = outcome;
                         self.finish(result, usage);
                         self.try_start_next().await;
