@@ -42,6 +42,15 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    // SSE writes small frames one after another: with Nagle's algorithm on,
+    // each frame after the first waits for the client's delayed ACK (~40 ms
+    // on Linux loopback). Accepted sockets inherit TCP_NODELAY from the
+    // listener (Linux, the BSDs), and warp gives no hook per connection.
+    if let Err(e) =
+        nix::sys::socket::setsockopt(&listener, nix::sys::socket::sockopt::TcpNoDelay, &true)
+    {
+        tracing::warn!(error = %e, "cannot set TCP_NODELAY on the listener");
+    }
     let registry = Registry::new(Arc::new(config));
     let token = CancellationToken::new();
     let reaper = tokio::spawn(session::reaper::run(registry.clone(), token.clone()));
