@@ -1,26 +1,38 @@
 //! Server-Sent Events: a session's event log as an SSE response.
 //!
-//! The first item is a `retry:` hint; heartbeats are comments every 15 s; a
-//! replay gap is a `stream.gap` event whose `id` is the last missing sequence
-//! id, so a reconnecting client does not ask for it again. Every stream ends
-//! when the gateway shuts down (warp's graceful shutdown would otherwise wait
-//! for it forever).
+//! The first item is a `retry:` hint; heartbeats are comments after 15 s
+//! without output; a replay gap is a `stream.gap` event whose `id` is the last
+//! missing sequence id, so a reconnecting client does not ask for it again.
+//! Every stream ends when the gateway shuts down (warp's graceful shutdown
+//! would otherwise wait for it forever).
+//!
+//! Why not `warp::sse`: its `Event` owns `String`s, so every subscriber would
+//! copy each event's data and format the frame again (the larger part of the
+//! gateway's CPU with many subscribers, measured in `docs/BENCHMARKS.md`).
+//! The event log builds each frame once ([`crate::session::StoredEvent::frame`]); this body
+//! sends those bytes to every subscriber, in the exact wire form of
+//! `warp::sse` (`event:`, `data:`, `id:` lines; `retry:`; `:` comments).
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
-use serde_json::json;
+use bytes::Bytes;
+use futures::FutureExt;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use warp::http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use warp::reply::Response;
-use warp::sse::Event;
 use warp::Reply;
 
 use crate::session::{Item, Subscription};
 
-/// Reconnect delay suggested to EventSource clients.
-const RETRY: Duration = Duration::from_secs(2);
+/// Reconnect delay suggested to EventSource clients (`retry:` in ms).
+const RETRY: &[u8] = b"retry:2000\n\n";
+/// A heartbeat: an empty comment.
+const HEARTBEAT: &[u8] = b":\n\n";
 
 /// Which events a stream carries and when it ends.
 #[derive(Debug, Clone, Copy)]
@@ -31,16 +43,68 @@ pub enum Scope {
     Message(Uuid),
 }
 
-fn to_event(item: &Item) -> Event {
-    match item {
-        Item::Event(e) => Event::default()
-            .id(e.seq.to_string())
-            .event(e.name)
-            .data(e.data.as_str()),
-        Item::Gap { from, to } => Event::default()
-            .id(to.to_string())
-            .event("stream.gap")
-            .data(json!({"from": from, "to": to}).to_string()),
+fn gap_frame(from: u64, to: u64) -> Bytes {
+    Bytes::from(format!(
+        "event:stream.gap\ndata:{{\"from\":{from},\"to\":{to}}}\nid:{to}\n\n"
+    ))
+}
+
+/// One subscriber's stream state, carried from item to item.
+struct Stream {
+    sub: Subscription,
+    scope: Scope,
+    shutdown: CancellationToken,
+    heartbeat: Duration,
+    /// Fires `heartbeat` after the last output; moved on lazily (see `next`).
+    tick: Pin<Box<Sleep>>,
+    last_output: Instant,
+    ended: bool,
+    /// Kept alive as long as the stream (e.g. a one-shot run's task).
+    _guard: Option<Arc<dyn Send + Sync>>,
+}
+
+impl Stream {
+    /// The next frame, or `None` at the end.
+    async fn next(&mut self) -> Option<Bytes> {
+        if self.ended {
+            return None;
+        }
+        loop {
+            // At shutdown, deliver what is already there, then end: an
+            // event is never cut off, and no stream keeps the server up.
+            let item = tokio::select! {
+                biased;
+                item = self.sub.next() => item?,
+                _ = self.shutdown.cancelled() => self.sub.next().now_or_never().flatten()?,
+                _ = &mut self.tick => {
+                    // The timer is not reset per event (that would touch the
+                    // timer wheel for every frame); it is moved on here instead.
+                    let due = self.last_output + self.heartbeat;
+                    if Instant::now() < due {
+                        self.tick.as_mut().reset(due);
+                        continue;
+                    }
+                    self.last_output = Instant::now();
+                    self.tick.as_mut().reset(self.last_output + self.heartbeat);
+                    return Some(Bytes::from_static(HEARTBEAT));
+                }
+            };
+            match (&item, self.scope) {
+                (Item::Event(e), Scope::All) => return Some(self.sent(e.frame.clone())),
+                (Item::Event(e), Scope::Message(id)) => {
+                    if e.message_id == Some(id) {
+                        self.ended = e.ends_message();
+                        return Some(self.sent(e.frame.clone()));
+                    }
+                }
+                (Item::Gap { from, to }, _) => return Some(self.sent(gap_frame(*from, *to))),
+            }
+        }
+    }
+
+    fn sent(&mut self, frame: Bytes) -> Bytes {
+        self.last_output = Instant::now();
+        frame
     }
 }
 
@@ -49,38 +113,65 @@ pub fn response(
     sub: Subscription,
     scope: Scope,
     heartbeat: Duration,
-    shutdown: tokio_util::sync::CancellationToken,
+    shutdown: CancellationToken,
     guard: Option<Arc<dyn Send + Sync>>,
 ) -> Response {
-    let retry = futures::stream::once(async { Ok::<_, Infallible>(Event::default().retry(RETRY)) });
-    let items = futures::stream::unfold((sub, false, guard), move |(mut sub, ended, guard)| {
-        let shutdown = shutdown.clone();
-        async move {
-            if ended {
-                return None;
-            }
-            loop {
-                // At shutdown, deliver what is already there, then end: an
-                // event is never cut off, and no stream keeps the server up.
-                let item = tokio::select! {
-                    biased;
-                    item = sub.next() => item?,
-                    _ = shutdown.cancelled() => sub.next().now_or_never().flatten()?,
-                };
-                let (wanted, last) = match (&item, scope) {
-                    (_, Scope::All) => (true, false),
-                    (Item::Gap { .. }, Scope::Message(_)) => (true, false),
-                    (Item::Event(e), Scope::Message(id)) => {
-                        let mine = e.message_id == Some(id);
-                        (mine, mine && e.ends_message())
-                    }
-                };
-                if wanted {
-                    return Some((Ok::<_, Infallible>(to_event(&item)), (sub, last, guard)));
-                }
-            }
-        }
+    let now = Instant::now();
+    let state = Stream {
+        sub,
+        scope,
+        shutdown,
+        heartbeat,
+        tick: Box::pin(tokio::time::sleep_until(now + heartbeat)),
+        last_output: now,
+        ended: false,
+        _guard: guard,
+    };
+    let retry = futures::stream::once(async { Ok::<_, Infallible>(Bytes::from_static(RETRY)) });
+    let frames = futures::stream::unfold(state, |mut state| async move {
+        let frame = state.next().await?;
+        Some((Ok::<_, Infallible>(frame), state))
     });
-    let stream = retry.chain(items);
-    warp::sse::reply(warp::sse::keep_alive().interval(heartbeat).stream(stream)).into_response()
+    let mut res = warp::reply::stream(futures::StreamExt::chain(retry, frames)).into_response();
+    let headers = res.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::EventLog;
+    use serde_json::json;
+    use warp::sse::Event;
+
+    /// The frames are byte for byte what `warp::sse::Event` writes.
+    #[test]
+    fn frames_match_warp_sse() {
+        let log = EventLog::new(10, 1 << 20);
+        log.publish(
+            "message.delta",
+            None,
+            &json!({"message_id": 1, "text": "a\nb é"}),
+        );
+        let mut sub = log.subscribe(0);
+        let Some(Some(Item::Event(e))) = sub.next().now_or_never() else {
+            panic!()
+        };
+        let warp = Event::default()
+            .id(e.seq.to_string())
+            .event(e.name)
+            .data(e.data());
+        assert_eq!(&e.frame[..], warp.to_string().as_bytes());
+        let gap = Event::default()
+            .id("7")
+            .event("stream.gap")
+            .data(json!({"from": 3, "to": 7}).to_string());
+        assert_eq!(&gap_frame(3, 7)[..], gap.to_string().as_bytes());
+        let retry = Event::default().retry(Duration::from_secs(2));
+        assert_eq!(RETRY, retry.to_string().as_bytes());
+        let comment = Event::default().comment("");
+        assert_eq!(HEARTBEAT, comment.to_string().as_bytes());
+    }
 }

@@ -1,15 +1,19 @@
 //! A session's event log: sequence ids, a bounded replay ring, and any number
 //! of subscribers.
 //!
-//! Each event is serialised once, when it is published, and shared by every
-//! subscriber as an `Arc`. Subscribers are cursors into the ring woken by a
+//! Each event is serialised once, when it is published, straight into its
+//! whole SSE frame (`event:`, `data:`, `id:`), and every subscriber sends
+//! those same bytes: delivering an event to one more subscriber costs a
+//! reference count, not a copy or a format. Subscribers are cursors into the ring woken by a
 //! `watch` of the last sequence id, so a slow subscriber never holds up the
 //! session or anyone else: if it falls behind the ring it is told so with a
 //! [`Item::Gap`] (never a silent loss) and goes on from the oldest event kept.
 
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -23,11 +27,19 @@ pub struct StoredEvent {
     pub name: &'static str,
     /// The message the event belongs to, if any.
     pub message_id: Option<Uuid>,
-    /// The `data:` JSON, serialised once.
-    pub data: String,
+    /// The whole SSE frame, `event:NAME\ndata:JSON\nid:SEQ\n\n`, built once.
+    /// The JSON is compact, so it holds no newline and fits one `data:` line.
+    pub frame: Bytes,
+    /// Where the `data:` JSON lies in `frame`.
+    data: Range<usize>,
 }
 
 impl StoredEvent {
+    /// The `data:` JSON.
+    pub fn data(&self) -> &str {
+        std::str::from_utf8(&self.frame[self.data.clone()]).expect("serde_json writes UTF-8")
+    }
+
     /// Whether this event ends its message (`message.completed` / `message.failed`).
     pub fn ends_message(&self) -> bool {
         self.name == "message.completed" || self.name == "message.failed"
@@ -88,7 +100,16 @@ impl EventLog {
         message_id: Option<Uuid>,
         data: &impl Serialize,
     ) -> u64 {
-        let data = serde_json::to_string(data).expect("event data serialises");
+        // Serialise outside the lock, straight into the frame; only the id,
+        // known under the lock, is appended there (capacity is reserved).
+        let mut frame = Vec::with_capacity(160);
+        frame.extend_from_slice(b"event:");
+        frame.extend_from_slice(name.as_bytes());
+        frame.extend_from_slice(b"\ndata:");
+        let start = frame.len();
+        serde_json::to_writer(&mut frame, data).expect("event data serialises");
+        let data = start..frame.len();
+        frame.reserve(ID_SUFFIX_MAX);
         let seq = {
             // A std Mutex: held for a few pointer moves, never across an await.
             let mut ring = self.ring.lock().expect("event ring poisoned");
@@ -97,11 +118,17 @@ impl EventLog {
             }
             let seq = ring.next_seq;
             ring.next_seq += 1;
+            frame.extend_from_slice(b"\nid:");
+            push_decimal(&mut frame, seq);
+            frame.extend_from_slice(b"\n\n");
+            // The ring keeps frames for replay: no spare capacity (in place).
+            frame.shrink_to_fit();
             ring.bytes += data.len();
             ring.events.push_back(Arc::new(StoredEvent {
                 seq,
                 name,
                 message_id,
+                frame: Bytes::from(frame),
                 data,
             }));
             while ring.events.len() > self.max_events
@@ -171,6 +198,24 @@ impl EventLog {
     }
 }
 
+/// Longest `\nid:SEQ\n\n`: 4 + 20 digits + 2.
+const ID_SUFFIX_MAX: usize = 26;
+
+/// Appends `n` in decimal without going through `fmt`.
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
 /// A cursor into an [`EventLog`].
 #[derive(Debug)]
 pub struct Subscription {
@@ -229,6 +274,26 @@ mod tests {
         assert_eq!(e.seq, 2);
         log.close();
         assert!(sub.next().await.is_none());
+    }
+
+    #[test]
+    fn the_frame_is_built_once_in_sse_form() {
+        let log = EventLog::new(100, 1 << 20);
+        log.publish("message.delta", None, &json!({"text": "a\nb"}));
+        let mut sub = log.subscribe(0);
+        let Some(Some(Item::Event(e))) = futures::FutureExt::now_or_never(sub.next()) else {
+            panic!()
+        };
+        assert_eq!(e.data(), r#"{"text":"a\nb"}"#);
+        assert_eq!(
+            &e.frame[..],
+            b"event:message.delta\ndata:{\"text\":\"a\\nb\"}\nid:1\n\n"
+        );
+        for n in [0u64, 7, 10, 12345, u64::MAX] {
+            let mut out = Vec::new();
+            push_decimal(&mut out, n);
+            assert_eq!(out, n.to_string().as_bytes());
+        }
     }
 
     #[tokio::test]
