@@ -198,7 +198,7 @@ async fn ask_for_touch(rig: &Rig, id: &str, name: &str) -> (String, Value, std::
     rig.mock.push_bash(&format!("touch {}", file.display()));
     let m = rig.gw.send(id, "please touch the file").await;
     let mid = m["id"].as_str().unwrap().to_string();
-    let res = rig.gw.events(&id, "").await;
+    let res = rig.gw.events(id, "").await;
     let items = read_sse(res, T, |i| {
         i.event.as_deref() == Some("message.permission_request")
             && i.data["message_id"] == mid.as_str()

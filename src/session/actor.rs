@@ -498,6 +498,16 @@ impl Actor {
         }
     }
 
+    /// Ends the child on purpose with `signal`: it takes no more messages
+    /// (the next one starts a new child) and its exit is not a crash.
+    fn retire_child(&mut self, signal: Sig) {
+        if let Some(c) = self.child.as_mut() {
+            c.ready = false;
+            c.retiring = true;
+            c.proc.signal(signal);
+        }
+    }
+
     /// Records an unexpected exit; true when the restart budget is spent.
     fn record_exit(&mut self) -> bool {
         let profile = &self.shared.profile;
@@ -640,9 +650,7 @@ impl Actor {
                     if cur.output.len() + text.len() > max {
                         self.request_stop(StopReason::OutputLimit).await;
                         // Past the cap the child is out of step: end it now.
-                        if let Some(c) = self.child.as_ref() {
-                            c.proc.signal(Sig::SIGKILL);
-                        }
+                        self.retire_child(Sig::SIGKILL);
                         continue;
                     }
                     cur.output.push_str(&text);
@@ -691,20 +699,13 @@ impl Actor {
                     let lost = self.shared.status().agent_session_id.take();
                     tracing::warn!(session_id = %self.shared.id, agent_session_id = ?lost, "the agent's conversation cannot be resumed; the next child starts a new one");
                     // This child exits by itself; give it no more messages.
-                    if let Some(c) = self.child.as_mut() {
-                        c.ready = false;
-                        c.retiring = true;
-                        c.proc.signal(Sig::SIGTERM);
-                    }
+                    self.retire_child(Sig::SIGTERM);
                 }
                 Signal::Done(outcome) => {
-                    // Past the output cap the child was SIGKILLed: its reply
-                    // ends with its exit, so no next message is written to it.
-                    let killed = self
-                        .current
-                        .as_ref()
-                        .is_some_and(|c| c.stop == Some(StopReason::OutputLimit));
-                    if self.current.is_some() && !killed {
+                    // A retired child's reply may still end (its last bytes
+                    // were on their way); no next message goes to it, since
+                    // it is not ready.
+                    if self.current.is_some() {
                         let Outcome { result, usage } = outcome;
                         self.finish(result, usage);
                         self.try_start_next().await;
@@ -851,10 +852,8 @@ impl Actor {
                 return;
             } else if cur.kill_at.is_some_and(|t| now >= t) {
                 cur.kill_at = None;
-                if let Some(c) = self.child.as_ref() {
-                    tracing::info!(session_id = %self.shared.id, pid = c.proc.pid(), "reply did not end after the interrupt; killing the child");
-                    c.proc.signal(Sig::SIGKILL);
-                }
+                tracing::info!(session_id = %self.shared.id, "reply did not end after the interrupt; killing the child");
+                self.retire_child(Sig::SIGKILL);
             } else if cur.stop.is_none() {
                 if let Some(c) = self.child.as_mut() {
                     if let Some(q) = c.adapter.quiet_after() {
