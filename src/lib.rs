@@ -13,11 +13,13 @@
 //! - [`oneshot`] — one process per request.
 //! - [`http`] — warp routes, handlers, SSE, problem+json, and the guard in front of them (token, Host and Origin allowlists, CORS).
 //! - [`demo`] — the built-in demo agent (`agentgate demo-agent`).
+//! - [`metrics`] — Prometheus series for `GET /metrics`: counted where things happen, levels read at scrape time.
 
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod oneshot;
 pub mod process;

@@ -71,8 +71,12 @@ fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("AGENTGATE_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,warp=warn,hyper=warn"));
+    // Colours only on a terminal: escape codes in a log file or a journal
+    // would split `session_id=…` for anyone who greps it.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder

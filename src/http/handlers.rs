@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde_json::json;
+use tracing::Instrument;
 use uuid::Uuid;
 use warp::http::header::{HeaderValue, LOCATION};
 use warp::http::StatusCode;
@@ -98,6 +99,12 @@ fn with_location(mut res: Response, location: String) -> Response {
 /// `GET /`
 pub fn index() -> Response {
     warp::reply::html(CONSOLE).into_response()
+}
+
+/// `GET /metrics`
+pub fn metrics(state: AppState) -> Response {
+    let text = state.registry.metrics.render(&state.registry);
+    warp::reply::with_header(text, "content-type", crate::metrics::CONTENT_TYPE).into_response()
 }
 
 /// `GET /openapi.yaml`
@@ -208,7 +215,7 @@ pub async fn send_message(
                     Scope::Message(message.id),
                     state.registry.config.heartbeat,
                     state.shutdown.clone(),
-                    None,
+                    Some(Arc::new(state.registry.metrics.stream_opened())),
                 );
                 return Ok(with_location(
                     res,
@@ -321,7 +328,7 @@ pub fn events(
             Scope::All,
             state.registry.config.heartbeat,
             state.shutdown.clone(),
-            None,
+            Some(Arc::new(state.registry.metrics.stream_opened())),
         ))
     })())
 }
@@ -354,6 +361,8 @@ pub async fn oneshot(
         let mid = Uuid::new_v4();
         let task_log = log.clone();
         let task_profile = profile.clone();
+        let task_registry = state.registry.clone();
+        let span = tracing::info_span!("oneshot", message_id = %mid, agent = %profile.name);
         let task = tokio::spawn(async move {
             let log = task_log;
             log.publish("message.started", Some(mid), &json!({"message_id": mid}));
@@ -371,6 +380,10 @@ pub async fn oneshot(
                 }
             })
             .await;
+            let metrics = &task_registry.metrics;
+            let spawn_failed = result.error.as_ref().is_some_and(|e| e.code == crate::model::FailureCode::SpawnFailed);
+            metrics.spawned(crate::metrics::SpawnKind::Oneshot, !spawn_failed);
+            metrics.oneshot_finished(result.error.as_ref().map(|e| e.code));
             match &result.error {
                 None => log.publish(
                     "message.completed",
@@ -381,14 +394,15 @@ pub async fn oneshot(
             };
             log.close();
             result
-        });
-        let guard = Arc::new(AbortOnDrop(task.abort_handle()));
+        }.instrument(span));
+        let abort = AbortOnDrop(task.abort_handle());
         if wants_sse(&accept) {
             let sub = log.subscribe(0);
+            let guard: Arc<dyn Send + Sync> = Arc::new((abort, state.registry.metrics.stream_opened()));
             return Ok(sse::response(sub, Scope::Message(mid), state.registry.config.heartbeat, state.shutdown.clone(), Some(guard)));
         }
         let result = task.await.map_err(|e| ApiError::Internal(format!("oneshot task: {e}")))?;
-        drop(guard);
+        drop(abort);
         if let Some(err) = &result.error {
             use crate::model::FailureCode;
             match err.code {

@@ -48,6 +48,7 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/sessions/{id}/events", &["GET"]),
     ("/oneshot", &["POST"]),
     ("/healthz", &["GET"]),
+    ("/metrics", &["GET"]),
     ("/openapi.yaml", &["GET"]),
 ];
 
@@ -214,6 +215,10 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .and(warp::get())
         .and(s())
         .map(handlers::healthz);
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(s())
+        .map(handlers::metrics);
     let openapi = warp::path!("openapi.yaml")
         .and(warp::get())
         .map(handlers::openapi);
@@ -244,6 +249,8 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .or(oneshot)
         .unify()
         .or(healthz)
+        .unify()
+        .or(metrics)
         .unify()
         .or(openapi)
         .unify();

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use super::{reader, ChildProcess};
 use crate::config::AgentProfile;
@@ -94,19 +95,23 @@ pub(super) fn spawn(spec: &SpawnSpec) -> io::Result<ChildProcess> {
         .map(|r| pipe::Receiver::from_owned_fd(OwnedFd::from(r)))
         .transpose()?;
     let (out_tx, out_rx) = mpsc::channel(64);
-    tokio::spawn(reader::read(stdout, stderr, out_tx));
+    // In the caller's span (a session's), so their log lines say whose pipes they are.
+    tokio::spawn(reader::read(stdout, stderr, out_tx).in_current_span());
     let stdin = child.stdin.take().expect("stdin was piped");
     let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Bytes>();
-    tokio::spawn(async move {
-        let mut stdin = stdin;
-        while let Some(bytes) = in_rx.recv().await {
-            if let Err(e) = stdin.write_all(&bytes).await {
-                tracing::debug!(pid, error = %e, "stdin write failed");
-                break;
+    tokio::spawn(
+        async move {
+            let mut stdin = stdin;
+            while let Some(bytes) = in_rx.recv().await {
+                if let Err(e) = stdin.write_all(&bytes).await {
+                    tracing::debug!(pid, error = %e, "stdin write failed");
+                    break;
+                }
+                let _ = stdin.flush().await;
             }
-            let _ = stdin.flush().await;
         }
-    });
+        .in_current_span(),
+    );
     tracing::debug!(pid, argv = ?spec.argv, "spawned");
     Ok(ChildProcess {
         child,

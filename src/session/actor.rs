@@ -64,6 +64,12 @@ struct Current {
     last_output: Instant,
     stop: Option<StopReason>,
     kill_at: Option<Instant>,
+    /// Whether a reply text arrived yet (for the first-delta latency).
+    first_delta: bool,
+    /// `message{session_id, message_id}` under the session's span: log lines
+    /// written while this message runs carry both ids (the JSON format shows
+    /// the innermost span only, so the session id is repeated here).
+    span: tracing::Span,
 }
 
 struct Pending {
@@ -101,6 +107,10 @@ pub(super) struct Actor {
     permissions: HashMap<String, Pending>,
     fallback: Option<FallbackRun>,
     closed: bool,
+    /// Whether this session ever had a child (a later one is a restart).
+    had_child: bool,
+    /// The session's own span (`session{session_id, agent}`).
+    span: tracing::Span,
 }
 
 impl Actor {
@@ -121,10 +131,15 @@ impl Actor {
             permissions: HashMap::new(),
             fallback: None,
             closed: false,
+            had_child: false,
+            span: tracing::Span::none(),
         }
     }
 
     pub(super) async fn run(mut self) {
+        use tracing::Instrument;
+        // The registry runs this future inside the session's span.
+        self.span = tracing::Span::current();
         while !self.closed {
             let deadline = self.next_deadline();
             let wake = {
@@ -152,14 +167,23 @@ impl Actor {
                     } => Wake::Timer,
                 }
             };
-            match wake {
-                Wake::Command(Some(cmd)) => self.command(cmd).await,
-                // Every handle is gone: nobody can reach this session any more.
-                Wake::Command(None) => self.close(CloseReason::Shutdown).await,
-                Wake::Child(ev) => self.child_event(ev).await,
-                Wake::Fallback(ev) => self.fallback_event(ev).await,
-                Wake::Timer => self.timers().await,
+            // What happens while a message runs is logged with its id.
+            let span = self
+                .current
+                .as_ref()
+                .map_or_else(tracing::Span::none, |c| c.span.clone());
+            async {
+                match wake {
+                    Wake::Command(Some(cmd)) => self.command(cmd).await,
+                    // Every handle is gone: nobody can reach this session any more.
+                    Wake::Command(None) => self.close(CloseReason::Shutdown).await,
+                    Wake::Child(ev) => self.child_event(ev).await,
+                    Wake::Fallback(ev) => self.fallback_event(ev).await,
+                    Wake::Timer => self.timers().await,
+                }
             }
+            .instrument(span)
+            .await;
         }
         self.registry.forget(self.shared.id);
     }
@@ -255,6 +279,7 @@ impl Actor {
                 let long_enough = idle_for.is_none_or(|d| self.shared.idle_info().1 >= d);
                 if idle && long_enough {
                     self.stop_child().await;
+                    self.registry.metrics.reaped(reason);
                     self.set_state(SessionState::Suspended, Some(reason));
                     if reason == "idle" {
                         tracing::info!(session_id = %self.shared.id, "idle child reaped");
@@ -379,6 +404,8 @@ impl Actor {
                 last_output: now,
                 stop: None,
                 kill_at: None,
+                first_delta: false,
+                span: tracing::info_span!(parent: &self.span, "message", session_id = %self.shared.id, message_id = %q.id),
             });
             self.stderr_tail.clear();
             self.update_message(q.id, |m| {
@@ -397,7 +424,12 @@ impl Actor {
         let resume = self.shared.status().agent_session_id.clone();
         self.registry.make_room(self.shared.id);
         let spec = spawn_spec(profile, self.shared.cwd.clone(), resume.as_deref());
-        let proc = ChildProcess::spawn(&spec)?;
+        // Under the session's span only: the child outlives the message that started it.
+        let spawned = self.span.in_scope(|| ChildProcess::spawn(&spec));
+        self.registry
+            .metrics
+            .spawned(crate::metrics::SpawnKind::Session, spawned.is_ok());
+        let proc = spawned?;
         tracing::info!(session_id = %self.shared.id, pid = proc.pid(), resume = ?resume, "child started");
         self.adopt(proc);
         Ok(())
@@ -407,6 +439,10 @@ impl Actor {
     fn adopt(&mut self, proc: ChildProcess) {
         let profile = &self.shared.profile;
         self.registry.child_started();
+        if self.had_child {
+            self.registry.metrics.restarted();
+        }
+        self.had_child = true;
         let adapter = protocol::persistent(profile);
         let ready = !adapter.needs_ready();
         self.child = Some(Child {
@@ -452,6 +488,8 @@ impl Actor {
             last_output: now,
             stop: None,
             kill_at: None,
+            first_delta: false,
+            span: tracing::info_span!(parent: &self.span, "message", session_id = %self.shared.id, message_id = %q.id),
         });
         self.update_message(q.id, |m| {
             m.status = MessageStatus::Running;
@@ -474,6 +512,13 @@ impl Actor {
             Some(FallbackEvent::Signal(signal)) => self.apply(vec![signal]).await,
             Some(FallbackEvent::Done(result)) => {
                 self.fallback = None;
+                let spawn_failed = result
+                    .error
+                    .as_ref()
+                    .is_some_and(|e| e.code == FailureCode::SpawnFailed);
+                self.registry
+                    .metrics
+                    .spawned(crate::metrics::SpawnKind::Fallback, !spawn_failed);
                 if let Some(id) = result.agent_session_id.clone() {
                     self.shared.status().agent_session_id = Some(id);
                 }
@@ -609,6 +654,9 @@ impl Actor {
                 tracing::info!(session_id = %self.shared.id, %exit, "child exited");
                 let intentional =
                     retiring || self.current.as_ref().is_some_and(|c| c.stop.is_some());
+                if !intentional {
+                    self.registry.metrics.crashed();
+                }
                 if self.current.is_some() {
                     let tail = String::from_utf8_lossy(&self.stderr_tail)
                         .trim_end()
@@ -652,6 +700,10 @@ impl Actor {
                         // Past the cap the child is out of step: end it now.
                         self.retire_child(Sig::SIGKILL);
                         continue;
+                    }
+                    if !cur.first_delta {
+                        cur.first_delta = true;
+                        self.registry.metrics.first_delta(cur.started.elapsed());
                     }
                     cur.output.push_str(&text);
                     let id = cur.id;
@@ -774,6 +826,11 @@ impl Actor {
             m.usage = usage.clone();
         });
         tracing::info!(session_id = %self.shared.id, message_id = %cur.id, ?status, duration_ms, "message finished");
+        let metrics = &self.registry.metrics;
+        metrics.message_finished(error.as_ref().map(|e| e.code));
+        if error.is_none() {
+            metrics.reply_completed(cur.started.elapsed());
+        }
         match error {
             None => {
                 let mut data = json!({"message_id": cur.id, "output": output, "duration_ms": duration_ms, "fallback": cur.fallback});
@@ -809,6 +866,7 @@ impl Actor {
             m.error = Some(error.clone());
             m.finished_at = Some(OffsetDateTime::now_utc());
         });
+        self.registry.metrics.message_finished(Some(code));
         self.publish(
             "message.failed",
             Some(id),
@@ -923,15 +981,14 @@ impl Actor {
         }
         self.sync_queued();
         self.stop_child().await;
-        self.set_state(
-            SessionState::Closed,
-            Some(match reason {
-                CloseReason::Deleted => "deleted",
-                CloseReason::Expired => "expired",
-                CloseReason::Shutdown => "shutdown",
-                CloseReason::Failed => "failed",
-            }),
-        );
+        let label = match reason {
+            CloseReason::Deleted => "deleted",
+            CloseReason::Expired => "expired",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Failed => "failed",
+        };
+        self.set_state(SessionState::Closed, Some(label));
+        self.registry.metrics.session_closed(label);
         self.publish("session.closed", None, json!({"reason": reason}));
         self.shared.log.close();
         self.shared.finished.send_modify(|n| *n += 1);

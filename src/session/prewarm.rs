@@ -67,17 +67,19 @@ impl Pool {
             .map_or(0, VecDeque::len)
     }
 
-    fn fill(&self, profile: &AgentProfile) {
+    fn fill(&self, profile: &AgentProfile, metrics: &crate::metrics::Metrics) {
         let mut warm = self.warm.lock().expect("pool poisoned");
         let queue = warm.entry(profile.name.clone()).or_default();
         queue.retain_mut(|c| !c.try_exited());
         while queue.len() < profile.prewarm {
             match ChildProcess::spawn(&spawn_spec(profile, None, None)) {
                 Ok(child) => {
+                    metrics.spawned(crate::metrics::SpawnKind::Prewarm, true);
                     tracing::info!(agent = %profile.name, pid = child.pid(), "warm child started");
                     queue.push_back(child);
                 }
                 Err(e) => {
+                    metrics.spawned(crate::metrics::SpawnKind::Prewarm, false);
                     tracing::warn!(agent = %profile.name, error = %e, "cannot start a warm child");
                     break;
                 }
@@ -101,7 +103,7 @@ pub async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
     let pool = registry.pool();
     loop {
         for profile in &profiles {
-            pool.fill(profile);
+            pool.fill(profile, &registry.metrics);
         }
         tokio::select! {
             _ = pool.refill.notified() => {}

@@ -28,6 +28,8 @@ pub struct Registry {
     live_children: AtomicUsize,
     shutting_down: AtomicBool,
     pool: super::prewarm::Pool,
+    /// The gateway's metrics (`GET /metrics`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Registry {
@@ -40,6 +42,7 @@ impl Registry {
             live_children: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
             pool: Default::default(),
+            metrics: crate::metrics::Metrics::new(),
         })
     }
 
@@ -101,6 +104,7 @@ impl Registry {
         let span = tracing::info_span!("session", session_id = %id, agent = %profile.name);
         tokio::spawn(Actor::new(shared, self.clone(), rx).run().instrument(span));
         tracing::info!(session_id = %id, agent = %profile.name, "session created");
+        self.metrics.session_created();
         // A warm child was started with the profile's cwd: only for sessions without their own.
         let warm = (profile.prewarm > 0 && handle.shared.cwd.is_none())
             .then(|| self.pool.take(&profile.name))
