@@ -6,6 +6,7 @@
 //! forwarded, stdout is drained without blocking; whatever the child wrote to
 //! stdout before that stderr write is in the pipe by then.
 
+use std::cell::RefCell;
 use std::io;
 
 use bytes::Bytes;
@@ -16,23 +17,31 @@ use super::ChildEvent;
 
 const CHUNK: usize = 64 * 1024;
 
+thread_local! {
+    /// One read buffer per runtime thread, shared by the readers of every
+    /// child: an idle session then holds no buffer at all (a buffer per
+    /// reader was up to 64 KiB of RSS per session). Reads are synchronous
+    /// (`try_read`) and the bytes are copied out before any `.await`, so the
+    /// borrow never spans a suspension point.
+    static BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; CHUNK]);
+}
+
 /// Reads until both pipes reach EOF or the receiver is gone.
 pub(super) async fn read(stdout: Receiver, stderr: Option<Receiver>, tx: mpsc::Sender<ChildEvent>) {
     let mut out = Some(stdout);
     let mut err = stderr;
-    let mut buf = vec![0u8; CHUNK];
     while out.is_some() || err.is_some() {
         tokio::select! {
             biased;
             ready = readable(&out), if out.is_some() => {
                 if ready.is_err() { out = None; continue; }
-                if !drain(&mut out, &tx, &mut buf).await { return; }
+                if !drain(&mut out, &tx).await { return; }
             }
             ready = readable(&err), if err.is_some() => {
                 if ready.is_err() { err = None; continue; }
-                match try_read(err.as_ref().expect("guarded"), &mut buf) {
+                match try_read(err.as_ref().expect("guarded")) {
                     Read::Data(chunk) => {
-                        if !drain(&mut out, &tx, &mut buf).await { return; }
+                        if !drain(&mut out, &tx).await { return; }
                         if tx.send(ChildEvent::Stderr(chunk)).await.is_err() { return; }
                     }
                     Read::Eof => err = None,
@@ -56,10 +65,10 @@ enum Read {
     WouldBlock,
 }
 
-/// Reads what is there into `buf` and copies it out, so a small chunk does
-/// not pin a large buffer while it waits in the channel.
-fn try_read(pipe: &Receiver, buf: &mut [u8]) -> Read {
-    match pipe.try_read(buf) {
+/// Reads what is there into this thread's buffer and copies it out, so a
+/// small chunk does not pin a large buffer while it waits in the channel.
+fn try_read(pipe: &Receiver) -> Read {
+    BUF.with_borrow_mut(|buf| match pipe.try_read(buf) {
         Ok(0) => Read::Eof,
         Ok(n) => Read::Data(Bytes::copy_from_slice(&buf[..n])),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Read::WouldBlock,
@@ -68,13 +77,13 @@ fn try_read(pipe: &Receiver, buf: &mut [u8]) -> Read {
             tracing::debug!(error = %e, "pipe read failed");
             Read::Eof
         }
-    }
+    })
 }
 
 /// Forwards everything stdout holds right now. False when nobody listens.
-async fn drain(out: &mut Option<Receiver>, tx: &mpsc::Sender<ChildEvent>, buf: &mut [u8]) -> bool {
+async fn drain(out: &mut Option<Receiver>, tx: &mpsc::Sender<ChildEvent>) -> bool {
     while let Some(pipe) = out.as_ref() {
-        match try_read(pipe, buf) {
+        match try_read(pipe) {
             Read::Data(chunk) => {
                 if tx.send(ChildEvent::Stdout(chunk)).await.is_err() {
                     return false;
