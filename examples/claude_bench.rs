@@ -1,0 +1,583 @@
+//! The real Claude Code CLI behind the gateway, offline against the test
+//! suite's mock Anthropic API: what a persistent session saves.
+//!
+//! ```sh
+//! bash scripts/install-claude.sh        # once: the pinned CLI in tests/claude
+//! cargo run --release --example claude_bench                 # 20 of each, ~3 min
+//! cargo run --release --example claude_bench -- --runs 30 --json target/claude_bench.json
+//! ```
+//!
+//! Four ways to get one reply, each `--runs` times, interleaved in rounds so
+//! that machine noise hits all four alike:
+//! - **one-shot**: `POST /oneshot` (`claude -p`, one process per message);
+//! - **cold**: `POST /sessions` then its first message (the child starts now);
+//! - **prewarmed**: `POST /sessions` on a profile with `prewarm = 1` (the
+//!   child was started `--settle` seconds ahead), then its first message;
+//! - **warm**: the next message of a session whose child already answered.
+//!
+//! The same CLI is also driven directly, with no gateway: `claude -p` spawned
+//! per message, and a persistent stream-json child written to and read over
+//! pipes. That is the floor: what the gateway adds is the difference.
+//!
+//! Latency is from the request to the end of the reply (`message.completed`
+//! on the SSE stream; the JSON answer for one-shot), median and p90. CPU per
+//! message counts the children — `utime + stime` of the CLI's process group
+//! from `/proc/<pid>/stat` (with `cutime`/`cstime` of what they reaped), or
+//! this process's `cutime + cstime` for reaped one-shot children — plus the
+//! gateway's own threads (`/proc/self/task/*/schedstat` of threads named
+//! `gw…`). The mock API runs on other threads and is not counted: a real API
+//! is not on this machine. The CLI path: `$AGENTGATE_CLAUDE_BIN`, else
+//! `tests/claude/node_modules/.bin/claude`. At most two CLI children live at
+//! a time (~200 MB RSS each).
+
+#[path = "../tests/support/mock_anthropic.rs"]
+mod mock_anthropic;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentgate::config::claude_profile;
+use clap::Parser;
+use mock_anthropic::{claude_bin, temp_home, MockAnthropic};
+use serde_json::{json, Value};
+
+#[derive(Parser, Debug)]
+#[command(about = "one-shot vs session messages with the real claude CLI (see the doc comment)")]
+struct Args {
+    /// Replies of each kind (≥ 20 for the figures in docs/BENCHMARKS.md).
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    /// Seconds a prewarmed child is left to start before its session is created.
+    #[arg(long, default_value_t = 3.0)]
+    settle: f64,
+    /// Write every figure as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn main() {
+    let args = Args::parse();
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("lg")
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    let gw_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("gw")
+        .enable_all()
+        .build()
+        .expect("gateway runtime");
+    let bin = claude_bin();
+    let version = std::process::Command::new(&bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let mock = client_rt.block_on(MockAnthropic::start());
+    let home = temp_home();
+    let mut profile = claude_profile(&bin);
+    profile.pass_env.clear();
+    profile.env = mock.child_env(home.path()).into_iter().collect();
+    profile.cwd = Some(home.path().to_path_buf());
+    profile.stop_grace = Duration::from_secs(5);
+    let direct = Direct {
+        oneshot_argv: profile.oneshot_argv(None),
+        persistent_argv: profile.persistent_argv(None),
+        env: agentgate::process::child_env(&profile),
+        cwd: home.path().to_path_buf(),
+    };
+    let mut prewarmed = profile.clone();
+    prewarmed.name = "claude-prewarmed".into();
+    prewarmed.prewarm = 1;
+    let exe = std::env::current_exe().expect("current exe");
+    let mut config = agentgate::Config::defaults(&exe);
+    config.profiles.insert("claude".into(), Arc::new(profile));
+    config
+        .profiles
+        .insert("claude-prewarmed".into(), Arc::new(prewarmed));
+    let listener = gw_rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = gw_rt.spawn(agentgate::serve(config, listener, async move {
+        let _ = stopped.await;
+    }));
+    println!(
+        "claude {version} ({}), mock API {}, gateway {base}; {} runs of each kind\n",
+        bin.display(),
+        mock.base_url(),
+        args.runs
+    );
+    let report = client_rt.block_on(bench(&base, &args, &direct));
+    let _ = stop.send(());
+    let _ = gw_rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), server).await });
+    drop(mock);
+    if let Some(path) = &args.json {
+        let mut report = report;
+        report["claude_version"] = json!(version);
+        std::fs::write(path, serde_json::to_string_pretty(&report).unwrap()).expect("write --json");
+        println!("figures written to {}", path.display());
+    }
+}
+
+/// Samples of one kind of reply.
+#[derive(Default)]
+struct Kind {
+    latency: Vec<Duration>,
+    /// CPU seconds per reply: the CLI's, and the gateway's.
+    child_cpu: Vec<f64>,
+    gw_cpu: Vec<f64>,
+    /// Extra: for cold/prewarmed, the CLI's CPU from its start to the end of
+    /// the first reply (start-up included).
+    child_cpu_since_start: Vec<f64>,
+    first_delta: Vec<Duration>,
+}
+
+fn pct(v: &[Duration], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
+    v[rank.min(v.len()) - 1].as_secs_f64() * 1e3
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+impl Kind {
+    fn json(&self) -> Value {
+        json!({
+            "n": self.latency.len(),
+            "p50_ms": pct(&self.latency, 50.0), "p90_ms": pct(&self.latency, 90.0),
+            "min_ms": pct(&self.latency, 0.0), "max_ms": pct(&self.latency, 100.0),
+            "first_delta_p50_ms": pct(&self.first_delta, 50.0),
+            "child_cpu_s": mean(&self.child_cpu), "gw_cpu_s": mean(&self.gw_cpu),
+            "cpu_s": mean(&self.child_cpu) + if self.gw_cpu.is_empty() { 0.0 } else { mean(&self.gw_cpu) },
+            "child_cpu_since_start_s": mean(&self.child_cpu_since_start),
+        })
+    }
+}
+
+/// Linux reports `/proc` CPU times in USER_HZ, 100 on every mainstream build.
+const USER_HZ: f64 = 100.0;
+
+/// utime + stime (+ cutime + cstime with `children`) of one `/proc/<pid>/stat`, in s.
+fn stat_cpu(pid: &str, children: bool) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+    // After the comm: state(0) … utime(11) stime(12) cutime(13) cstime(14).
+    let n = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let mut ticks = n(11) + n(12);
+    if children {
+        ticks += n(13) + n(14);
+    }
+    Some(ticks / USER_HZ)
+}
+
+/// CPU of every live process in process group `pgid` (with what they reaped).
+fn group_cpu(pgid: u32) -> f64 {
+    let mut total = 0.0;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{name}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        if fields.get(2) == Some(&pgid.to_string().as_str()) {
+            total += stat_cpu(&name, true).unwrap_or(0.0);
+        }
+    }
+    total
+}
+
+/// CPU of process `pid` and what it reaped (a direct child is in our group).
+fn group_cpu_of(pid: u32) -> f64 {
+    stat_cpu(&pid.to_string(), true).unwrap_or(0.0)
+}
+
+/// This process's reaped children (`cutime + cstime`), in s.
+fn reaped_children_cpu() -> f64 {
+    let own = stat_cpu("self", false).unwrap_or(0.0);
+    stat_cpu("self", true).unwrap_or(0.0) - own
+}
+
+/// CPU seconds of this process's threads named `gw…` (the gateway's runtime).
+fn gateway_cpu() -> f64 {
+    let mut ns = 0u64;
+    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+        for entry in dir.flatten() {
+            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            if comm.starts_with("gw") {
+                let s = std::fs::read_to_string(entry.path().join("schedstat")).unwrap_or_default();
+                ns += s
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    ns as f64 / 1e9
+}
+
+/// How to run the CLI without the gateway.
+struct Direct {
+    oneshot_argv: Vec<String>,
+    persistent_argv: Vec<String>,
+    env: Vec<(String, String)>,
+    cwd: PathBuf,
+}
+
+impl Direct {
+    fn command(&self, argv: &[String]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&self.cwd)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// `claude -p` with `content` on stdin, until it exits.
+    async fn oneshot(&self, content: &str) -> Duration {
+        use tokio::io::AsyncWriteExt;
+        let t0 = Instant::now();
+        let mut child = self
+            .command(&self.oneshot_argv)
+            .spawn()
+            .expect("spawn claude -p");
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(content.as_bytes()).await.unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().await.expect("claude -p");
+        let d = t0.elapsed();
+        assert!(out.status.success(), "claude -p failed");
+        d
+    }
+
+    fn persistent(&self) -> DirectChild {
+        let mut child = self
+            .command(&self.persistent_argv)
+            .spawn()
+            .expect("spawn claude");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+        DirectChild {
+            pid: child.id().expect("pid"),
+            child,
+            stdin,
+            stdout,
+        }
+    }
+}
+
+/// A persistent stream-json child driven over pipes.
+struct DirectChild {
+    pid: u32,
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
+}
+
+impl DirectChild {
+    /// One user line; returns when the `result` line is read.
+    async fn message(&mut self, content: &str) -> Duration {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let line = json!({"type": "user", "message": {"role": "user", "content": content}});
+        let t0 = Instant::now();
+        self.stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .unwrap();
+        let mut buf = String::new();
+        loop {
+            buf.clear();
+            let n = self.stdout.read_line(&mut buf).await.expect("read claude");
+            assert!(n > 0, "claude exited");
+            if let Ok(v) = serde_json::from_str::<Value>(&buf) {
+                if v["type"] == "result" {
+                    assert_eq!(v["is_error"], false, "{buf}");
+                    return t0.elapsed();
+                }
+            }
+        }
+    }
+
+    async fn close(mut self) {
+        drop(self.stdin);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+    }
+}
+
+struct Bench {
+    client: reqwest::Client,
+    base: String,
+}
+
+impl Bench {
+    async fn create(&self, agent: &str) -> (String, u32) {
+        let res = self
+            .client
+            .post(format!("{}/sessions", self.base))
+            .json(&json!({ "agent": agent }))
+            .send()
+            .await
+            .expect("create");
+        assert_eq!(res.status(), 201, "create {agent}");
+        let v: Value = res.json().await.unwrap();
+        let pid = v["pid"].as_u64().expect("the session has a child") as u32;
+        (v["id"].as_str().unwrap().to_string(), pid)
+    }
+
+    async fn delete(&self, id: &str) {
+        let res = self
+            .client
+            .delete(format!("{}/sessions/{id}", self.base))
+            .send()
+            .await
+            .expect("delete");
+        assert_eq!(res.status(), 204);
+    }
+
+    /// One message over SSE: (first delta, completion).
+    async fn message(&self, id: &str, content: &str) -> (Duration, Duration) {
+        let t0 = Instant::now();
+        let mut res = self
+            .client
+            .post(format!("{}/sessions/{id}/messages", self.base))
+            .header("accept", "text/event-stream")
+            .json(&json!({ "content": content }))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(res.status(), 200);
+        let mut buf = String::new();
+        let mut first = None;
+        while let Some(chunk) = res.chunk().await.expect("SSE") {
+            buf.push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
+            if first.is_none() && buf.contains("event:message.delta") {
+                first = Some(t0.elapsed());
+            }
+            if buf.contains("event:message.failed") {
+                panic!("message failed: {buf}");
+            }
+            if buf.contains("event:message.completed") {
+                let done = t0.elapsed();
+                while res.chunk().await.ok().flatten().is_some() {}
+                return (first.unwrap_or(done), done);
+            }
+        }
+        panic!("SSE ended without message.completed: {buf}");
+    }
+
+    async fn oneshot(&self, content: &str) -> Duration {
+        let t0 = Instant::now();
+        let res = self
+            .client
+            .post(format!("{}/oneshot", self.base))
+            .json(&json!({ "content": content, "agent": "claude" }))
+            .send()
+            .await
+            .expect("oneshot");
+        assert_eq!(res.status(), 200);
+        let v: Value = res.json().await.unwrap();
+        let d = t0.elapsed();
+        assert_eq!(v["status"], "completed", "{v}");
+        d
+    }
+
+    /// Waits until the prewarm pool holds a child, then `settle` more.
+    async fn warm_pool_ready(&self, settle: f64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let v: Value = self
+                .client
+                .get(format!("{}/agents", self.base))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let ready = v["agents"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["name"] == "claude-prewarmed" && a["warm"].as_u64() >= Some(1));
+            if ready {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no warm child within 60 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_secs_f64(settle)).await;
+    }
+}
+
+async fn bench(base: &str, a: &Args, direct: &Direct) -> Value {
+    let b = Bench {
+        client: reqwest::Client::builder().no_proxy().build().unwrap(),
+        base: base.to_string(),
+    };
+    let (mut oneshot, mut cold, mut pre, mut warm) = (
+        Kind::default(),
+        Kind::default(),
+        Kind::default(),
+        Kind::default(),
+    );
+    let (mut d_oneshot, mut d_warm) = (Kind::default(), Kind::default());
+    let mut d_child = direct.persistent();
+    d_child.message("warm-up").await;
+    direct.oneshot("warm-up").await;
+    // One long-lived session for warm messages; its first reply is not counted.
+    let (warm_id, warm_pid) = b.create("claude").await;
+    b.message(&warm_id, "warm-up").await;
+    // Warm-up of the one-shot path (page cache).
+    b.oneshot("warm-up").await;
+    for round in 0..a.runs {
+        // One-shot.
+        let (c0, g0) = (reaped_children_cpu(), gateway_cpu());
+        oneshot
+            .latency
+            .push(b.oneshot(&format!("one-shot {round}")).await);
+        oneshot.child_cpu.push(reaped_children_cpu() - c0);
+        oneshot.gw_cpu.push(gateway_cpu() - g0);
+
+        // Cold: the child starts with the session.
+        let g0 = gateway_cpu();
+        let (id, pid) = b.create("claude").await;
+        let c0 = group_cpu(pid);
+        let (first, done) = b.message(&id, &format!("cold {round}")).await;
+        cold.latency.push(done);
+        cold.first_delta.push(first);
+        let c1 = group_cpu(pid);
+        cold.child_cpu.push(c1 - c0);
+        cold.child_cpu_since_start.push(c1);
+        cold.gw_cpu.push(gateway_cpu() - g0);
+        b.delete(&id).await;
+
+        // Prewarmed: the session takes a child started `settle` s ago.
+        b.warm_pool_ready(a.settle).await;
+        let g0 = gateway_cpu();
+        let (id, pid) = b.create("claude-prewarmed").await;
+        let c0 = group_cpu(pid);
+        let (first, done) = b.message(&id, &format!("prewarmed {round}")).await;
+        pre.latency.push(done);
+        pre.first_delta.push(first);
+        let c1 = group_cpu(pid);
+        pre.child_cpu.push(c1 - c0);
+        pre.child_cpu_since_start.push(c1);
+        pre.gw_cpu.push(gateway_cpu() - g0);
+        b.delete(&id).await;
+
+        // The floor: the same CLI without the gateway.
+        let c0 = reaped_children_cpu();
+        d_oneshot
+            .latency
+            .push(direct.oneshot(&format!("direct one-shot {round}")).await);
+        d_oneshot.child_cpu.push(reaped_children_cpu() - c0);
+        let c0 = group_cpu_of(d_child.pid);
+        d_warm
+            .latency
+            .push(d_child.message(&format!("direct warm {round}")).await);
+        d_warm.child_cpu.push(group_cpu_of(d_child.pid) - c0);
+
+        // Warm: the next message of a live session.
+        let (c0, g0) = (group_cpu(warm_pid), gateway_cpu());
+        let (first, done) = b.message(&warm_id, &format!("warm {round}")).await;
+        warm.latency.push(done);
+        warm.first_delta.push(first);
+        warm.child_cpu.push(group_cpu(warm_pid) - c0);
+        warm.gw_cpu.push(gateway_cpu() - g0);
+        eprint!(".");
+    }
+    eprintln!();
+    b.delete(&warm_id).await;
+    d_child.close().await;
+    let one = oneshot.json();
+    let rows = [
+        ("one-shot (POST /oneshot)", &oneshot),
+        ("cold session, first message", &cold),
+        ("prewarmed session, first message", &pre),
+        ("warm session, next message", &warm),
+        ("direct: claude -p, no gateway", &d_oneshot),
+        ("direct: persistent child, pipes", &d_warm),
+    ];
+    println!(
+        "{:<34} {:>9} {:>9} {:>11} {:>10} {:>13}",
+        "reply", "p50 ms", "p90 ms", "% one-shot", "CPU s/msg", "CPU vs 1-shot"
+    );
+    for (name, k) in rows {
+        let v = k.json();
+        println!(
+            "{:<34} {:>9.1} {:>9.1} {:>10.1}% {:>10.3} {:>12.1}%",
+            name,
+            v["p50_ms"].as_f64().unwrap(),
+            v["p90_ms"].as_f64().unwrap(),
+            100.0 * v["p50_ms"].as_f64().unwrap() / one["p50_ms"].as_f64().unwrap(),
+            v["cpu_s"].as_f64().unwrap(),
+            100.0 * v["cpu_s"].as_f64().unwrap() / one["cpu_s"].as_f64().unwrap(),
+        );
+    }
+    println!(
+        "\nCPU split (s/msg, CLI + gateway): one-shot {:.3} + {:.4}; cold {:.3} + {:.4} (CLI since its start: {:.3}); prewarmed {:.3} + {:.4} (since start: {:.3}); warm {:.3} + {:.4}",
+        mean(&oneshot.child_cpu),
+        mean(&oneshot.gw_cpu),
+        mean(&cold.child_cpu),
+        mean(&cold.gw_cpu),
+        mean(&cold.child_cpu_since_start),
+        mean(&pre.child_cpu),
+        mean(&pre.gw_cpu),
+        mean(&pre.child_cpu_since_start),
+        mean(&warm.child_cpu),
+        mean(&warm.gw_cpu),
+    );
+    println!(
+        "first delta p50: cold {:.1} ms, prewarmed {:.1} ms, warm {:.1} ms",
+        pct(&cold.first_delta, 50.0),
+        pct(&pre.first_delta, 50.0),
+        pct(&warm.first_delta, 50.0)
+    );
+    let w = warm.json();
+    let p = pre.json();
+    println!(
+        "targets: warm {:.1} % of one-shot (<= 5 %), prewarmed first {:.1} % (<= 15 %), CPU per warm message {:.1} % below one-shot (>= 90 %)",
+        100.0 * w["p50_ms"].as_f64().unwrap() / one["p50_ms"].as_f64().unwrap(),
+        100.0 * p["p50_ms"].as_f64().unwrap() / one["p50_ms"].as_f64().unwrap(),
+        100.0 * (1.0 - w["cpu_s"].as_f64().unwrap() / one["cpu_s"].as_f64().unwrap()),
+    );
+    json!({
+        "runs": a.runs, "settle_s": a.settle,
+        "oneshot": one, "cold": cold.json(), "prewarmed": p, "warm": w,
+        "direct_oneshot": d_oneshot.json(), "direct_warm": d_warm.json(),
+    })
+}
