@@ -406,7 +406,15 @@ struct Binary {
     child: std::process::Child,
     /// `http://127.0.0.1:PORT`, as the first stdout line says.
     base: String,
-    stderr: std::thread::JoinHandle<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+/// A test that fails half-way must not leave the gateway running.
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Binary {
@@ -446,7 +454,7 @@ impl Binary {
         Binary {
             child,
             base: addr,
-            stderr,
+            stderr: Some(stderr),
         }
     }
 
@@ -462,7 +470,7 @@ impl Binary {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.stderr.join().unwrap()
+        self.stderr.take().unwrap().join().unwrap()
     }
 }
 
