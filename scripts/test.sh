@@ -8,7 +8,12 @@
 #    tests/claude/node_modules (skipped when AGENTGATE_CLAUDE_BIN points to one);
 # 2. checks formatting and lints;
 # 3. runs every test: unit, HTTP, real processes (python3, sed, sh), and the
-#    real claude CLI against the suite's own mock of the Anthropic API.
+#    real claude CLI against the suite's own mock of the Anthropic API;
+# 4. checks the API as a contract against the real binary
+#    (scripts/contract/run.sh: installs its pinned tools from PyPI, npm and
+#    Debian first): openapi.yaml validated, schemathesis, the generated
+#    Python and TypeScript SDKs, the shell examples, the web console and
+#    examples/stream.html in headless Chromium.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -31,3 +36,6 @@ cargo clippy --locked --all-targets -- -D warnings
 
 step "cargo test"
 cargo test --locked --all-targets
+
+step "the API as a contract: schemathesis, SDKs, examples, console in Chromium (scripts/contract/run.sh)"
+bash scripts/contract/run.sh
