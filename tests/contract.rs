@@ -249,9 +249,11 @@ async fn metrics_move_with_traffic() {
         gw.ask(demo_id, "what did I say first?").await["status"],
         "completed"
     );
+    // A session's state changes just after the message it waited for
+    // finished: state gauges are polled, counters are read once.
+    metric_reaches(&gw, "agentgate_sessions{state=\"idle\"}", 1.0).await;
     let m = scrape(&gw).await;
     assert_eq!(get(&m, "agentgate_sessions_created_total"), 1.0);
-    assert_eq!(get(&m, "agentgate_sessions{state=\"idle\"}"), 1.0);
     assert_eq!(get(&m, "agentgate_live_children"), 1.0);
     assert_eq!(
         get(&m, "agentgate_spawns_total{kind=\"session\",result=\"ok\"}"),
@@ -284,9 +286,9 @@ async fn metrics_move_with_traffic() {
     gw.running(py_id, blocked["id"].as_str().unwrap()).await;
     let q1 = gw.send(py_id, "1 + 1").await;
     let q2 = gw.send(py_id, "2 + 2").await;
+    metric_reaches(&gw, "agentgate_sessions{state=\"busy\"}", 1.0).await;
     let m = scrape(&gw).await;
     assert_eq!(get(&m, "agentgate_queued_messages"), 2.0);
-    assert_eq!(get(&m, "agentgate_sessions{state=\"busy\"}"), 1.0);
     assert_eq!(get(&m, "agentgate_live_children"), 2.0);
     let res = gw
         .http
@@ -319,8 +321,8 @@ async fn metrics_move_with_traffic() {
         1.0
     );
     assert_eq!(get(&m, "agentgate_child_crashes_total"), 1.0);
-    assert_eq!(get(&m, "agentgate_sessions{state=\"suspended\"}"), 1.0);
     assert_eq!(get(&m, "agentgate_live_children"), 1.0);
+    metric_reaches(&gw, "agentgate_sessions{state=\"suspended\"}", 1.0).await;
 
     // The next message starts the python child again: a restart.
     assert_eq!(gw.ask(py_id, "3 + 3").await["output"], "6\n");
@@ -385,9 +387,9 @@ async fn metrics_count_idle_reaps_and_the_restart_after_them() {
     let id = s["id"].as_str().unwrap();
     assert_eq!(gw.ask(id, "hello").await["status"], "completed");
     metric_reaches(&gw, "agentgate_reaps_total{reason=\"idle\"}", 1.0).await;
+    metric_reaches(&gw, "agentgate_sessions{state=\"suspended\"}", 1.0).await;
     let m = scrape(&gw).await;
     assert_eq!(get(&m, "agentgate_live_children"), 0.0);
-    assert_eq!(get(&m, "agentgate_sessions{state=\"suspended\"}"), 1.0);
     assert_eq!(get(&m, "agentgate_restarts_total"), 0.0);
     // The reaped session remembers nothing (demo keeps no transcript) but runs again.
     assert_eq!(gw.ask(id, "hello again").await["status"], "completed");
