@@ -174,4 +174,40 @@ mod tests {
         let comment = Event::default().comment("");
         assert_eq!(HEARTBEAT, comment.to_string().as_bytes());
     }
+
+    async fn next(s: &mut Stream) -> Option<Bytes> {
+        tokio::time::timeout(Duration::from_secs(10), s.next())
+            .await
+            .expect("a frame within 10 s")
+    }
+
+    /// A quiet stream gets heartbeats; events come through between them; a
+    /// message-scoped stream ends after its message's last event.
+    #[tokio::test]
+    async fn heartbeats_events_and_the_end_of_a_message() {
+        let log = EventLog::new(10, 1 << 20);
+        let id = Uuid::new_v4();
+        let heartbeat = Duration::from_millis(50);
+        let now = Instant::now();
+        let mut stream = Stream {
+            sub: log.subscribe(0),
+            scope: Scope::Message(id),
+            shutdown: CancellationToken::new(),
+            heartbeat,
+            tick: Box::pin(tokio::time::sleep_until(now + heartbeat)),
+            last_output: now,
+            ended: false,
+            _guard: None,
+        };
+        assert_eq!(next(&mut stream).await.as_deref(), Some(HEARTBEAT));
+        log.publish("session.state", None, &json!({"state": "busy"}));
+        log.publish("message.delta", Some(id), &json!({"text": "x"}));
+        let frame = next(&mut stream).await.expect("the delta");
+        assert!(frame.starts_with(b"event:message.delta\n"), "{frame:?}");
+        assert_eq!(next(&mut stream).await.as_deref(), Some(HEARTBEAT));
+        log.publish("message.completed", Some(id), &json!({}));
+        let frame = next(&mut stream).await.expect("the completion");
+        assert!(frame.starts_with(b"event:message.completed\n"));
+        assert_eq!(next(&mut stream).await, None);
+    }
 }
