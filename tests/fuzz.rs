@@ -220,7 +220,7 @@ fn claude_stream_json_ignores_where_reads_cut_the_lines() {
 
         let mut whole = StreamJson::new();
         whole.frame("hi");
-        let expected = feed(&mut whole, &[data.clone()], false);
+        let expected = feed(&mut whole, std::slice::from_ref(&data), false);
         let mut parts = StreamJson::new();
         parts.frame("hi");
         let got = feed(&mut parts, &split(&data, &cuts), false);
