@@ -263,11 +263,16 @@ async fn a_child_killed_mid_message_fails_it_and_the_session_recovers() {
     let m = gw
         .send(
             &id,
-            "import sys; sys.stderr.write('about to nap\\n'); import time; time.sleep(30)",
+            "import sys; sys.stderr.write('about to nap\\n'); print('napping', flush=True); import time; time.sleep(30)",
         )
         .await;
     let pid = gw.session(&id).await["pid"].as_u64().unwrap() as i32;
-    eventually(T, || async { gw.session(&id).await["state"] == "busy" }).await;
+    // Once its stdout line arrived, the child has written its stderr line too.
+    let res = gw.events(&id, "").await;
+    read_sse(res, T, |i| {
+        i.event.as_deref() == Some("message.delta") && i.data["message_id"] == m["id"]
+    })
+    .await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
