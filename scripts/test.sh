@@ -19,6 +19,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# One build per run: incremental caches only cost disk here.
+export CARGO_INCREMENTAL=0
+
 for tool in cargo python3 sed node npm; do
     command -v "$tool" >/dev/null || { echo "test.sh: $tool is required" >&2; exit 1; }
 done
