@@ -1,19 +1,25 @@
 // The web console at `/` and examples/stream.html in headless Chromium
 // (Debian's /usr/bin/chromium driven by playwright-core), against a real
 // gateway that run.sh starts:
-//   GATEWAY_URL   the gateway (profiles: demo, endless, asker; it allows
-//                 EXAMPLES_URL's origin by CORS)
-//   EXAMPLES_URL  a static server of examples/
-//   SCREENSHOTS   where the screenshots go (target/contract)
+//   GATEWAY_URL     the gateway (profiles: demo, endless, asker; it allows
+//                   EXAMPLES_URL's origin by CORS). asker is the real Claude
+//                   Code CLI against the mock Anthropic API
+//                   (examples/mock_anthropic.rs --bash-on-touch): a message
+//                   `touch FILE` makes the model ask for that Bash command.
+//   EXAMPLES_URL    a static server of examples/
+//   SCREENSHOTS     where the screenshots go (target/contract)
+//   CLAUDE_WORKDIR  asker's working directory (and HOME): the files it touches
 // Run with `node --test`. Every wait is bounded (Playwright's timeouts).
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
+import fs from "node:fs";
 import path from "node:path";
 
 import { chromium } from "playwright-core";
 
-const { GATEWAY_URL, EXAMPLES_URL, SCREENSHOTS } = process.env;
-assert.ok(GATEWAY_URL && EXAMPLES_URL && SCREENSHOTS, "GATEWAY_URL, EXAMPLES_URL and SCREENSHOTS must be set (run.sh sets them)");
+const { GATEWAY_URL, EXAMPLES_URL, SCREENSHOTS, CLAUDE_WORKDIR } = process.env;
+assert.ok(GATEWAY_URL && EXAMPLES_URL && SCREENSHOTS && CLAUDE_WORKDIR,
+  "GATEWAY_URL, EXAMPLES_URL, SCREENSHOTS and CLAUDE_WORKDIR must be set (run.sh sets them)");
 const T = 20_000;
 
 let browser;
@@ -151,28 +157,37 @@ test("console: the Interrupt button stops a reply that would never end", async (
   await page.close();
 });
 
-test("console: permission prompts get Allow and Deny buttons that answer the agent", async () => {
+test("console: permission prompts of the real claude CLI get Allow and Deny buttons that answer it", async () => {
+  const allowed = path.join(CLAUDE_WORKDIR, "allowed");
+  const denied = path.join(CLAUDE_WORKDIR, "denied");
   const { page, problems } = await openPage(`${GATEWAY_URL}/`);
   await page.waitForSelector('body[data-ready="true"]');
   await newSession(page, "asker");
-  await send(page, "ls -la");
+  await send(page, `touch ${allowed}`);
   const card = page.locator(".permission").first();
   await card.waitFor();
   assert.match(await card.textContent(), /Bash/);
-  assert.match(await card.locator("pre").textContent(), /"command": "echo ls -la"/);
+  assert.match(await card.locator("pre").textContent(), new RegExp(`"command": "touch ${allowed}"`));
+  assert.ok(!fs.existsSync(allowed), "nothing ran before the answer");
   await card.locator('button[data-behavior="allow"]').click();
   await page.waitForSelector('.msg[data-status="completed"]');
-  assert.equal((await replies(page))[0], "permission allowed: ran echo ls -la");
+  // The mock model answers the tool result with its default text.
+  assert.match((await replies(page))[0], /^mock reply #\d+: .*last=tool_result:/);
   assert.match(await card.textContent(), /allowed/);
+  assert.ok(fs.existsSync(allowed), `Allow ran the command: ${allowed} exists`);
   // Every stream-json line of the agent is shown under its message.
   assert.match(await page.locator(".msg details summary").first().textContent(), /agent events \(\d+\)/);
 
-  await send(page, "rm -rf /");
+  await send(page, `touch ${denied}`);
   const second = page.locator(".permission").nth(1);
   await second.waitFor();
+  assert.match(await second.locator("pre").textContent(), new RegExp(`"command": "touch ${denied}"`));
   await second.locator('button[data-behavior="deny"]').click();
   await page.waitForFunction(() => document.querySelectorAll('.msg[data-status="completed"]').length === 2);
-  assert.equal((await replies(page))[1], "permission denied: denied in the agentgate console");
+  // The model got the console's reason as the tool result.
+  assert.match((await replies(page))[1], /^mock reply #\d+: .*last=tool_result:denied in the agentgate console/);
+  assert.match(await second.textContent(), /denied/);
+  assert.ok(!fs.existsSync(denied), `Deny did not run the command: ${denied} does not exist`);
   await page.screenshot({ path: path.join(SCREENSHOTS, "console-permissions.png") });
   await page.click("#close-session");
   await page.waitForSelector('#session-state[data-state="closed"]');

@@ -15,10 +15,14 @@
 #  6. generates the TypeScript SDK (@hey-api/openapi-ts), type-checks, runs
 #     its tests (reply streamed over SSE) and examples/sdk/typescript/chat.ts;
 #  7. drives the web console at / and examples/stream.html in headless
-#     Chromium (playwright-core); screenshots go to target/contract/.
+#     Chromium (playwright-core); screenshots go to target/contract/. The
+#     console's permission buttons answer the real Claude Code CLI
+#     ($AGENTGATE_CLAUDE_BIN, exported by scripts/test.sh; required) talking
+#     to the test suite's mock of the Anthropic API (examples/mock_anthropic.rs).
 #
-# Every gateway listens on 127.0.0.1 with an ephemeral port and is stopped
-# on exit, whatever happens. Logs and reports: target/contract/.
+# Every gateway (and the mock API) listens on 127.0.0.1 with an ephemeral
+# port and is stopped on exit, whatever happens. Logs and reports:
+# target/contract/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 root="$PWD"
@@ -29,11 +33,19 @@ mkdir -p "$out"
 # shellcheck source=gateway.sh
 source "$here/gateway.sh"
 static_pid=""
+mock_pid=""
+claude_dir=""
 cleanup() {
     gateway_stop_all
-    if [[ -n "$static_pid" ]]; then
-        kill "$static_pid" 2>/dev/null || true
-        wait "$static_pid" 2>/dev/null || true
+    local pid
+    for pid in "$static_pid" "$mock_pid"; do
+        if [[ -n "$pid" ]]; then
+            kill "$pid" 2>/dev/null || true
+            wait "$pid" 2>/dev/null || true
+        fi
+    done
+    if [[ -n "$claude_dir" ]]; then
+        rm -rf "$claude_dir"
     fi
 }
 trap cleanup EXIT
@@ -47,6 +59,15 @@ step() {
 }
 done_step() { printf '    (%d s)\n' "$((SECONDS - step_started))"; }
 
+# The console's permission test runs the real Claude Code CLI: no stand-in.
+if [[ -z "${AGENTGATE_CLAUDE_BIN:-}" ]]; then
+    echo "contract: AGENTGATE_CLAUDE_BIN is not set; run scripts/test.sh, or set it to the pinned" \
+        "CLI: export AGENTGATE_CLAUDE_BIN=\"\$(bash scripts/install-claude.sh | tail -n 1)\"" >&2
+    exit 1
+fi
+[[ -x "$AGENTGATE_CLAUDE_BIN" && ! -d "$AGENTGATE_CLAUDE_BIN" ]] \
+    || { echo "contract: AGENTGATE_CLAUDE_BIN=$AGENTGATE_CLAUDE_BIN is not an executable file" >&2; exit 1; }
+
 venv="$out/venv"
 bin_dir="$here/node_modules/.bin"
 
@@ -54,7 +75,7 @@ step "installing tools"
 bash "$here/install.sh"
 export PATH="$venv/bin:$PATH"
 # The binary the live checks run: up to date with the tree (a no-op after `cargo test`).
-cargo build --locked --quiet --bin agentgate
+cargo build --locked --quiet --bin agentgate --example mock_anthropic
 done_step
 
 step "openapi.yaml is valid OpenAPI 3.1"
@@ -151,9 +172,57 @@ for ((i = 0; i < 200; i++)); do
     sleep 0.05
 done
 [[ -n "$static_port" ]] || { echo "the static server did not start" >&2; cat "$out/static.txt"; exit 1; }
-gateway_start browser --config "$here/console-profiles.toml" --allow-origin "http://127.0.0.1:$static_port"
+# The mock Anthropic API: a message starting with `touch ` makes the model
+# ask for that Bash command, so the real CLI asks the console for permission.
+: >"$out/mock_anthropic.stdout"
+"$root/target/debug/examples/mock_anthropic" --bash-on-touch \
+    >"$out/mock_anthropic.stdout" 2>"$out/mock_anthropic.log" </dev/null &
+mock_pid=$!
+mock_url=""
+for ((i = 0; i < 200; i++)); do
+    mock_url="$(sed -n 's|^mock listening on \(http://[^ ]*\)$|\1|p' "$out/mock_anthropic.stdout")"
+    [[ -n "$mock_url" ]] && break
+    kill -0 "$mock_pid" 2>/dev/null || { cat "$out/mock_anthropic.log" >&2; exit 1; }
+    sleep 0.05
+done
+[[ -n "$mock_url" ]] || { echo "the mock Anthropic API did not start" >&2; cat "$out/mock_anthropic.log" >&2; exit 1; }
+echo "mock Anthropic API: $mock_url (pid $mock_pid, log $out/mock_anthropic.log)"
+# The CLI's HOME, TMPDIR and working directory: the files it writes and the
+# ones the test's Bash commands touch.
+claude_dir="$(mktemp -d "${TMPDIR:-/tmp}/agentgate-contract-claude.XXXXXX")"
+mkdir -p "$claude_dir/tmp"
+# The console's profiles plus `asker`, the real CLI against the mock.
+python3 - "$here/console-profiles.toml" "$out/console-profiles.toml" "$AGENTGATE_CLAUDE_BIN" \
+    "$mock_url" "$claude_dir" <<'PY'
+import json, sys
+src, dst, claude, mock_url, home = sys.argv[1:]
+q = json.dumps  # a JSON string is a TOML basic string
+env = {
+    "ANTHROPIC_BASE_URL": mock_url,
+    "ANTHROPIC_API_KEY": "test-key",
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+    "DISABLE_AUTOUPDATER": "1",
+    "CLAUDE_CODE_MAX_RETRIES": "0",
+    "HOME": home,
+    "TMPDIR": home + "/tmp",
+}
+argv = [claude, "-p", "--input-format", "stream-json", "--output-format", "stream-json",
+        "--verbose", "--include-partial-messages"]
+with open(src) as f:
+    text = f.read()
+text += "\n# Written by run.sh: the real Claude Code CLI against the mock Anthropic API.\n"
+text += "[agents.asker]\n"
+text += "command = [" + ", ".join(q(a) for a in argv) + "]\n"
+text += 'protocol = "claude-stream-json"\n'
+text += "env = { " + ", ".join(f"{k} = {q(v)}" for k, v in env.items()) + " }\n"
+text += f"cwd = {q(home)}\n"
+text += 'stop_grace = "5s"\n'
+with open(dst, "w") as f:
+    f.write(text)
+PY
+gateway_start browser --config "$out/console-profiles.toml" --allow-origin "http://127.0.0.1:$static_port"
 rm -f "$out"/console*.png "$out/stream-example.png"
-GATEWAY_URL="$GW_URL" EXAMPLES_URL="http://127.0.0.1:$static_port" SCREENSHOTS="$out" \
+GATEWAY_URL="$GW_URL" EXAMPLES_URL="http://127.0.0.1:$static_port" SCREENSHOTS="$out" CLAUDE_WORKDIR="$claude_dir" \
     timeout 180 node --test "$here/browser.test.mjs"
 for shot in console.png console-permissions.png stream-example.png; do
     [[ -s "$out/$shot" ]] || { echo "screenshot $out/$shot is missing" >&2; exit 1; }

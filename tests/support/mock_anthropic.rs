@@ -44,7 +44,12 @@
 //! - [`MockAnthropic::fail_next`]: HTTP errors for the next N requests;
 //! - [`MockAnthropic::push_reply`] / [`MockAnthropic::push_bash`]: scripted
 //!   replies, e.g. a `tool_use` block, then the default text for the request
-//!   that carries the `tool_result`.
+//!   that carries the `tool_result`;
+//! - [`MockAnthropic::set_bash_on_touch`]: a conversation request whose last
+//!   user text starts with `touch ` (and that finds no scripted reply) is
+//!   answered with a `Bash` `tool_use` running that text, so a client with
+//!   no control channel (the browser test, via `examples/mock_anthropic.rs
+//!   --bash-on-touch`) can trigger a permission prompt by what it types.
 //!
 //! Inspection: [`MockAnthropic::requests`] (every body),
 //! [`MockAnthropic::recorded`], [`MockAnthropic::aborted_streams`], and
@@ -175,6 +180,7 @@ struct Inner {
     fail_status: u16,
     fail_remaining: usize,
     scripted: VecDeque<MockReply>,
+    bash_on_touch: bool,
     conversation_count: usize,
     log: Vec<RecordedRequest>,
     aborted_streams: usize,
@@ -319,10 +325,16 @@ impl MockAnthropic {
     /// it (the one carrying the `tool_result`) gets the default text unless
     /// more replies are queued.
     pub fn push_bash(&self, command: &str) {
-        self.push_reply(MockReply::ToolUse {
-            name: "Bash".to_string(),
-            input: json!({ "command": command, "description": "Run a command for the test" }),
-        });
+        self.push_reply(bash_reply(command));
+    }
+
+    /// When `on` (default off), a conversation request with no scripted reply
+    /// queued whose last user text (as in the default reply's `last=`) starts
+    /// with `touch ` is answered with a `Bash` `tool_use` whose `command` is
+    /// that whole text. The request that carries the `tool_result` (its last
+    /// user text is `tool_result:…`) gets the default text, so the reply ends.
+    pub fn set_bash_on_touch(&self, on: bool) {
+        self.state.lock().bash_on_touch = on;
     }
 
     /// Bodies of every `POST /v1/messages` request (conversation and side
@@ -410,6 +422,14 @@ impl MockAnthropic {
     }
 }
 
+/// A `Bash` `tool_use` reply running `command`.
+fn bash_reply(command: &str) -> MockReply {
+    MockReply::ToolUse {
+        name: "Bash".to_string(),
+        input: json!({ "command": command, "description": "Run a command for the test" }),
+    }
+}
+
 fn handle(
     state: Arc<State>,
     method: Method,
@@ -479,12 +499,14 @@ fn handle(
             let reply = if kind == RequestKind::Conversation {
                 g.conversation_count += 1;
                 let n = g.conversation_count;
-                g.scripted.pop_front().unwrap_or_else(|| {
-                    MockReply::Text(format!(
+                match g.scripted.pop_front() {
+                    Some(reply) => reply,
+                    None if g.bash_on_touch && last.starts_with("touch ") => bash_reply(&last),
+                    None => MockReply::Text(format!(
                         "mock reply #{n}: messages={}; last={last}",
                         messages.len()
-                    ))
-                })
+                    )),
+                }
             } else {
                 MockReply::Text(format!(
                     "mock side reply: messages={}; last={last}",
