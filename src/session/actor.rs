@@ -617,6 +617,14 @@ impl Actor {
         Ok(())
     }
 
+    /// The child printed something (that `quiet_ms` counts) and the adapter made `signals` of it.
+    async fn output(&mut self, signals: Vec<Signal>) {
+        if let Some(cur) = self.current.as_mut() {
+            cur.last_output = Instant::now();
+        }
+        self.apply(signals).await;
+    }
+
     async fn child_event(&mut self, ev: ChildEvent) {
         self.touch();
         let mut signals = Vec::new();
@@ -625,10 +633,7 @@ impl Actor {
                 if let Some(c) = self.child.as_mut() {
                     c.adapter.stdout(&bytes, &mut signals);
                 }
-                if let Some(cur) = self.current.as_mut() {
-                    cur.last_output = Instant::now();
-                }
-                self.apply(signals).await;
+                self.output(signals).await;
             }
             ChildEvent::Stderr(bytes) => {
                 self.stderr_tail.extend_from_slice(&bytes);
@@ -637,10 +642,7 @@ impl Actor {
                 if let Some(c) = self.child.as_mut() {
                     c.adapter.stderr(&bytes, &mut signals);
                 }
-                if let Some(cur) = self.current.as_mut() {
-                    cur.last_output = Instant::now();
-                }
-                self.apply(signals).await;
+                self.output(signals).await;
             }
             ChildEvent::Exited(status) => {
                 if let Some(c) = self.child.as_mut() {
