@@ -120,6 +120,16 @@ pub enum ProtocolKind {
     ClaudeStreamJson,
 }
 
+impl ProtocolKind {
+    /// The name used in profiles and the API (`lines`, `claude-stream-json`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProtocolKind::Lines => "lines",
+            ProtocolKind::ClaudeStreamJson => "claude-stream-json",
+        }
+    }
+}
+
 /// How the `lines` protocol recognises the end of a reply.
 #[derive(Debug, Clone)]
 pub enum LineEnding {
@@ -534,7 +544,7 @@ fn resolve_profile(file: &str, name: &str, raw: RawProfile) -> Result<AgentProfi
         name: name.to_string(),
         description: raw
             .description
-            .unwrap_or_else(|| format!("{} ({:?})", raw.command[0], raw.protocol)),
+            .unwrap_or_else(|| format!("{} ({})", raw.command[0], raw.protocol.as_str())),
         command: raw.command,
         oneshot_command: raw.oneshot_command,
         protocol: raw.protocol,
