@@ -53,6 +53,9 @@ pub struct Cli {
     /// Most messages waiting behind the running one, per session (429 beyond).
     #[arg(long, env = "AGENTGATE_MAX_QUEUE", default_value_t = 8)]
     pub max_queue: usize,
+    /// Most `POST /oneshot` runs at once (503 beyond).
+    #[arg(long, env = "AGENTGATE_MAX_ONESHOT", default_value_t = 16)]
+    pub max_oneshot: usize,
     /// Largest request body in bytes (413 beyond).
     #[arg(long, env = "AGENTGATE_MAX_BODY", default_value_t = 1 << 20)]
     pub max_body: u64,
@@ -330,6 +333,8 @@ pub struct Config {
     pub max_children: usize,
     /// See [`Cli::max_queue`].
     pub max_queue: usize,
+    /// See [`Cli::max_oneshot`].
+    pub max_oneshot: usize,
     /// See [`Cli::max_body`].
     pub max_body: u64,
     /// See [`Cli::max_output`].
@@ -397,6 +402,7 @@ impl Config {
             max_sessions: cli.max_sessions,
             max_children: cli.max_children.max(1),
             max_queue: cli.max_queue,
+            max_oneshot: cli.max_oneshot.max(1),
             max_body: cli.max_body,
             max_output: cli.max_output,
             replay_events: cli.replay_events.max(1),

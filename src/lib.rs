@@ -58,6 +58,7 @@ pub async fn serve(
     let reaper = tokio::spawn(session::reaper::run(registry.clone(), token.clone()));
     let prewarm = tokio::spawn(session::prewarm::run(registry.clone(), token.clone()));
     let state = AppState {
+        oneshots: Arc::new(tokio::sync::Semaphore::new(registry.config.max_oneshot)),
         registry: registry.clone(),
         shutdown: token.clone(),
     };

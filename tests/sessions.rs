@@ -612,3 +612,92 @@ async fn a_session_without_activity_for_its_ttl_is_removed() {
     eventually(T, || async { !alive(pid) }).await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn oneshot_runs_are_capped_and_a_leaving_client_frees_its_place() {
+    let gw = Gateway::start(|c| c.max_oneshot = 1).await;
+    let slow = gw
+        .http
+        .post(gw.url("/oneshot"))
+        .header("accept", "text/event-stream")
+        .json(&json!({"agent": "python", "content": "import time; time.sleep(60)"}))
+        .send()
+        .await
+        .unwrap();
+    let started = read_sse(slow, T, |i| i.event.as_deref() == Some("message.started")).await;
+    assert!(!started.is_empty());
+    // `read_sse` consumed and dropped the stream above: the client is gone,
+    // so its run is ended and its place freed. Meanwhile a second run may be refused.
+    let quick = json!({"agent": "python", "content": "print(1)"});
+    eventually(T, || async {
+        let res = gw.post("/oneshot", quick.clone()).await;
+        match res.status().as_u16() {
+            200 => true,
+            503 => {
+                let p = assert_problem(res, 503).await;
+                assert!(
+                    p["detail"].as_str().unwrap().contains("--max-oneshot"),
+                    "{p}"
+                );
+                false
+            }
+            other => panic!("unexpected {other}"),
+        }
+    })
+    .await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_oneshot_beyond_the_cap_gets_503() {
+    use futures::StreamExt;
+    let gw = Gateway::start(|c| c.max_oneshot = 1).await;
+    let res = gw
+        .http
+        .post(gw.url("/oneshot"))
+        .header("accept", "text/event-stream")
+        .json(&json!({"agent": "python", "content": "import time; time.sleep(1); print('done')"}))
+        .send()
+        .await
+        .unwrap();
+    // Read until the run has started, keeping the stream (and so the run) alive.
+    let mut stream = res.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("message.started") {
+        let chunk = tokio::time::timeout(T, stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        seen.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let refused = gw
+        .post(
+            "/oneshot",
+            json!({"agent": "python", "content": "print(2)"}),
+        )
+        .await;
+    assert_problem(refused, 503).await;
+    while !seen.contains("message.completed") {
+        let chunk = tokio::time::timeout(T, stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        seen.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert!(seen.contains("done"), "{seen}");
+    drop(stream);
+    // The place is free again once the run has ended.
+    eventually(T, || async {
+        gw.post(
+            "/oneshot",
+            json!({"agent": "python", "content": "print(3)"}),
+        )
+        .await
+        .status()
+            == 200
+    })
+    .await;
+    gw.stop().await;
+}

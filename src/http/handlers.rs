@@ -355,6 +355,13 @@ pub async fn oneshot(
         }
         let registry = &state.registry;
         let profile = registry.profile(req.agent.as_deref())?;
+        // Held by the run's task: released when it ends, is aborted or its client leaves.
+        let permit = state.oneshots.clone().try_acquire_owned().map_err(|_| {
+            ApiError::Unavailable(format!(
+                "{} one-shot runs are already running (--max-oneshot); retry later",
+                registry.config.max_oneshot
+            ))
+        })?;
         let timeout = timeout_of(req.timeout_ms)?.unwrap_or(profile.timeout);
         let config = registry.config.clone();
         let log = EventLog::new(config.replay_events, config.replay_bytes);
@@ -364,6 +371,7 @@ pub async fn oneshot(
         let task_registry = state.registry.clone();
         let span = tracing::info_span!("oneshot", message_id = %mid, agent = %profile.name);
         let task = tokio::spawn(async move {
+            let _permit = permit;
             let log = task_log;
             log.publish("message.started", Some(mid), &json!({"message_id": mid}));
             let argv = task_profile.oneshot_argv(None);

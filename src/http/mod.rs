@@ -32,6 +32,9 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     /// Cancelled when the gateway shuts down; open SSE streams end then.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// One permit per `POST /oneshot` run (`--max-oneshot`): one-shot
+    /// children are not session children, so `--max-children` cannot bound them.
+    pub oneshots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Every route and its methods, in the order `openapi.yaml` lists them.
