@@ -57,11 +57,7 @@ pub async fn serve(
     let token = CancellationToken::new();
     let reaper = tokio::spawn(session::reaper::run(registry.clone(), token.clone()));
     let prewarm = tokio::spawn(session::prewarm::run(registry.clone(), token.clone()));
-    let state = AppState {
-        oneshots: Arc::new(tokio::sync::Semaphore::new(registry.config.max_oneshot)),
-        registry: registry.clone(),
-        shutdown: token.clone(),
-    };
+    let state = AppState::new(registry.clone(), token.clone());
     let routes = http::routes(state);
     let stop_registry = registry.clone();
     let stop_token = token.clone();

@@ -70,10 +70,10 @@ fn concrete(path: &str) -> String {
 
 fn state() -> AppState {
     let config = Config::defaults(agentgate_bin());
-    AppState {
-        registry: Registry::new(Arc::new(config)),
-        shutdown: tokio_util::sync::CancellationToken::new(),
-    }
+    AppState::new(
+        Registry::new(Arc::new(config)),
+        tokio_util::sync::CancellationToken::new(),
+    )
 }
 
 /// Whether a response is the router's own "no route" answer (404 or 405).

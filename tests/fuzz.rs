@@ -291,10 +291,10 @@ fn last_event_id_and_after_give_200_or_400_never_500() {
         .block_on(registry.create(Default::default()))
         .unwrap()
         .id();
-    let routes = agentgate::http::routes(agentgate::http::AppState {
+    let routes = agentgate::http::routes(agentgate::http::AppState::new(
         registry,
-        shutdown: tokio_util::sync::CancellationToken::new(),
-    });
+        tokio_util::sync::CancellationToken::new(),
+    ));
     let path = format!("/sessions/{id}/events");
     let check = |res: warp::reply::Response| -> Result<(), TestCaseError> {
         let status = res.status().as_u16();

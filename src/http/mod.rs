@@ -37,6 +37,18 @@ pub struct AppState {
     pub oneshots: Arc<tokio::sync::Semaphore>,
 }
 
+impl AppState {
+    /// The state for `registry`, its limits taken from the registry's configuration.
+    pub fn new(registry: Arc<Registry>, shutdown: tokio_util::sync::CancellationToken) -> AppState {
+        let oneshots = Arc::new(tokio::sync::Semaphore::new(registry.config.max_oneshot));
+        AppState {
+            registry,
+            shutdown,
+            oneshots,
+        }
+    }
+}
+
 /// Every route and its methods, in the order `openapi.yaml` lists them.
 /// `{…}` matches one path segment.
 pub const ROUTES: &[(&str, &[&str])] = &[
