@@ -260,25 +260,3 @@ async fn chaos() {
         pids.len()
     );
 }
-
-/// Children of this process that exited and were never reaped.
-fn zombies_of_this_process() -> Vec<u32> {
-    let me = std::process::id().to_string();
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(close) = stat.rfind(')') else {
-            continue;
-        };
-        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        if fields.len() > 1 && fields[0] == "Z" && fields[1] == me {
-            out.push(pid);
-        }
-    }
-    out
-}

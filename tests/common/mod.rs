@@ -304,8 +304,19 @@ fn stat_state(stat: &str) -> Option<char> {
     after.chars().next()
 }
 
-/// Live (non-zombie) processes whose process group is `pgid`.
-pub fn group_members(pgid: u32) -> Vec<u32> {
+/// One process as `/proc/<pid>/stat` describes it.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcStat {
+    pub pid: u32,
+    /// State letter: `R`, `S`, `Z` (zombie) …
+    pub state: char,
+    pub ppid: u32,
+    /// Process group id.
+    pub pgrp: u32,
+}
+
+/// Every process on the machine, read from `/proc`.
+pub fn processes() -> Vec<ProcStat> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -314,16 +325,31 @@ pub fn group_members(pgid: u32) -> Vec<u32> {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
+        // The command name may hold spaces and parentheses: fields start after the last ')'.
         let Some(close) = stat.rfind(')') else {
             continue;
         };
         let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        // fields: state ppid pgrp ...
-        if fields.len() > 2 && fields[2] == pgid.to_string() && fields[0] != "Z" {
-            out.push(pid);
+        if fields.len() < 3 {
+            continue;
         }
+        out.push(ProcStat {
+            pid,
+            state: fields[0].chars().next().unwrap_or('?'),
+            ppid: fields[1].parse().unwrap_or(0),
+            pgrp: fields[2].parse().unwrap_or(0),
+        });
     }
     out
+}
+
+/// Live (non-zombie) processes whose process group is `pgid`.
+pub fn group_members(pgid: u32) -> Vec<u32> {
+    processes()
+        .into_iter()
+        .filter(|p| p.pgrp == pgid && p.state != 'Z')
+        .map(|p| p.pid)
+        .collect()
 }
 
 /// Asserts that `res` is problem+json with `status`; returns the problem.
@@ -341,22 +367,27 @@ pub async fn assert_problem(res: reqwest::Response, status: u16) -> Value {
 
 /// Live children of this test process.
 pub fn children_of_this_process() -> Vec<u32> {
-    let me = std::process::id().to_string();
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(close) = stat.rfind(')') else {
-            continue;
-        };
-        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        if fields[1] == me && fields[0] != "Z" {
-            out.push(pid);
-        }
-    }
-    out
+    children_of(std::process::id())
+        .into_iter()
+        .filter(|(_, state)| *state != 'Z')
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Children of this process that exited and were never reaped.
+pub fn zombies_of_this_process() -> Vec<u32> {
+    children_of(std::process::id())
+        .into_iter()
+        .filter(|(_, state)| *state == 'Z')
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Processes whose parent is `ppid`: (pid, state letter).
+pub fn children_of(ppid: u32) -> Vec<(u32, char)> {
+    processes()
+        .into_iter()
+        .filter(|p| p.ppid == ppid)
+        .map(|p| (p.pid, p.state))
+        .collect()
 }
