@@ -79,15 +79,8 @@ async fn sigterm_fails_running_messages_ends_streams_and_leaves_no_process() {
 
     let mut groups = Vec::new();
     for agent in ["shell", "python", "demo"] {
-        let s: serde_json::Value = http
-            .post(format!("{base}/sessions"))
-            .json(&json!({"agent": agent}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let s: serde_json::Value =
+            post_json(&http, format!("{base}/sessions"), json!({"agent": agent})).await;
         groups.push((
             s["id"].as_str().unwrap().to_string(),
             s["pid"].as_u64().unwrap() as u32,

@@ -480,27 +480,21 @@ impl Binary {
 /// exits), a one-shot run and a delete: ids of the session and its messages.
 async fn traffic(base: &str) -> (String, Vec<String>) {
     let http = reqwest::Client::new();
-    let s: Value = http
-        .post(format!("{base}/sessions"))
-        .json(&json!({"agent": "python"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s: Value = post_json(
+        &http,
+        format!("{base}/sessions"),
+        json!({"agent": "python"}),
+    )
+    .await;
     let sid = s["id"].as_str().unwrap().to_string();
     let mut mids = Vec::new();
     for content in ["print('hi')", "import os; os._exit(3)"] {
-        let m: Value = http
-            .post(format!("{base}/sessions/{sid}/messages?wait=true"))
-            .json(&json!({"content": content}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let m: Value = post_json(
+            &http,
+            format!("{base}/sessions/{sid}/messages?wait=true"),
+            json!({"content": content}),
+        )
+        .await;
         assert!(m["status"] == "completed" || m["status"] == "failed", "{m}");
         mids.push(m["id"].as_str().unwrap().to_string());
     }

@@ -281,15 +281,7 @@ async fn tokens_never_reach_the_logs() {
     );
     let authed = client(Some(token));
     let anon = client(None);
-    let s: Value = authed
-        .post(bin.url("/sessions"))
-        .json(&json!({"agent": "sed"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s: Value = post_json(&authed, bin.url("/sessions"), json!({"agent": "sed"})).await;
     let id = id_of(&s);
     let res = anon
         .get(bin.url(&format!("/sessions/{id}/events?access_token={token}")))
@@ -824,30 +816,14 @@ async fn a_missing_binary_is_spawn_failed_and_leaks_nothing() {
             .contains("agentgate-test-agent"),
         "{p}"
     );
-    let s: Value = http
-        .post(bin.url("/sessions"))
-        .json(&json!({"agent": "missing"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s: Value = post_json(&http, bin.url("/sessions"), json!({"agent": "missing"})).await;
     assert_eq!(s["state"], "suspended");
     let id = id_of(&s);
     let ask = |content: &'static str| {
         let http = http.clone();
         let url = bin.url(&format!("/sessions/{id}/messages?wait=true"));
         async move {
-            let m: Value = http
-                .post(url)
-                .json(&json!({"content": content}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let m: Value = post_json(&http, url, json!({"content": content})).await;
             m
         }
     };
@@ -972,15 +948,7 @@ async fn zombies_are_always_reaped() {
         let http = http.clone();
         let url = bin.url("/sessions");
         async move {
-            let s: Value = http
-                .post(url)
-                .json(&json!({"agent": agent}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let s: Value = post_json(&http, url, json!({"agent": agent})).await;
             s
         }
     };
@@ -988,15 +956,12 @@ async fn zombies_are_always_reaped() {
         let http = http.clone();
         let url = bin.url(&format!("/sessions/{id}/messages?wait=true"));
         async move {
-            let m: Value = http
-                .post(url)
-                .json(&json!({"content": content, "timeout_ms": timeout_ms}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let m: Value = post_json(
+                &http,
+                url,
+                json!({"content": content, "timeout_ms": timeout_ms}),
+            )
+            .await;
             m
         }
     };

@@ -193,6 +193,18 @@ impl Gateway {
     }
 }
 
+/// POSTs `body` as JSON to `url` and reads the answer as JSON, whatever its status.
+pub async fn post_json(http: &reqwest::Client, url: String, body: Value) -> Value {
+    http.post(url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// One SSE item as received.
 #[derive(Debug, Clone)]
 pub struct SseItem {
