@@ -142,16 +142,7 @@ async fn resume_after_the_reaper_and_after_kill_9() {
     );
 
     // kill -9 while idle: the next message resumes too.
-    let pid = rig.gw.session(&id).await["pid"].as_u64().unwrap() as i32;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    eventually(T, || async {
-        rig.gw.session(&id).await["state"] == "suspended"
-    })
-    .await;
+    rig.gw.kill_child(&id).await;
     let m = rig.gw.ask(&id, "after kill").await;
     assert_eq!(m["status"], "completed", "{m}");
     assert_eq!(rig.last_request_len(), 6);
@@ -333,16 +324,7 @@ async fn a_conversation_that_cannot_be_resumed_fails_once_then_starts_anew() {
     rig.gw.ask(&id, "before").await;
     // The transcript disappears (a wiped HOME, say) and the child dies.
     std::fs::remove_dir_all(rig.home.path().join(".claude/projects")).unwrap();
-    let pid = rig.gw.session(&id).await["pid"].as_u64().unwrap() as i32;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    eventually(T, || async {
-        rig.gw.session(&id).await["state"] == "suspended"
-    })
-    .await;
+    rig.gw.kill_child(&id).await;
     let failed = rig.gw.ask(&id, "after").await;
     assert_eq!(failed["status"], "failed");
     assert!(

@@ -898,14 +898,7 @@ async fn a_crash_loop_spends_the_restart_budget_and_closes_the_session() {
 #[tokio::test]
 async fn a_client_leaving_a_oneshot_stream_ends_its_process() {
     let gw = gateway(|_| {}).await;
-    let res = gw
-        .http
-        .post(gw.url("/oneshot"))
-        .header("accept", "text/event-stream")
-        .json(&json!({"agent": "python", "content": "import os, time\nprint(os.getpid())\ntime.sleep(60)\n"}))
-        .send()
-        .await
-        .unwrap();
+    let res = gw.post_sse("/oneshot", json!({"agent": "python", "content": "import os, time\nprint(os.getpid())\ntime.sleep(60)\n"})).await;
     let items = read_sse(res, T, |i| i.event.as_deref() == Some("message.delta")).await;
     let pid: u32 = items.last().unwrap().data["text"]
         .as_str()

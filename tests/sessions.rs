@@ -266,18 +266,13 @@ async fn a_child_killed_mid_message_fails_it_and_the_session_recovers() {
             "import sys; sys.stderr.write('about to nap\\n'); print('napping', flush=True); import time; time.sleep(30)",
         )
         .await;
-    let pid = gw.session(&id).await["pid"].as_u64().unwrap() as i32;
     // Once its stdout line arrived, the child has written its stderr line too.
     let res = gw.events(&id, "").await;
     read_sse(res, T, |i| {
         i.event.as_deref() == Some("message.delta") && i.data["message_id"] == m["id"]
     })
     .await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    gw.kill_child(&id).await;
     let failed = gw.finished(&id, m["id"].as_str().unwrap()).await;
     assert_eq!(failed["status"], "failed");
     assert_eq!(failed["error"]["code"], "process_exited");
@@ -386,13 +381,11 @@ async fn oneshot_json_and_sse() {
     assert_eq!(body["exit_code"], 0);
     assert_eq!(body["status"], "completed");
     let res = gw
-        .http
-        .post(gw.url("/oneshot"))
-        .header("accept", "text/event-stream")
-        .json(&json!({"agent": "demo", "content": "hello oneshot"}))
-        .send()
-        .await
-        .unwrap();
+        .post_sse(
+            "/oneshot",
+            json!({"agent": "demo", "content": "hello oneshot"}),
+        )
+        .await;
     let items = read_sse(res, T, |i| i.event.as_deref() == Some("message.completed")).await;
     let text: String = items
         .iter()
@@ -617,13 +610,11 @@ async fn a_session_without_activity_for_its_ttl_is_removed() {
 async fn oneshot_runs_are_capped_and_a_leaving_client_frees_its_place() {
     let gw = Gateway::start(|c| c.max_oneshot = 1).await;
     let slow = gw
-        .http
-        .post(gw.url("/oneshot"))
-        .header("accept", "text/event-stream")
-        .json(&json!({"agent": "python", "content": "import time; time.sleep(60)"}))
-        .send()
-        .await
-        .unwrap();
+        .post_sse(
+            "/oneshot",
+            json!({"agent": "python", "content": "import time; time.sleep(60)"}),
+        )
+        .await;
     let started = read_sse(slow, T, |i| i.event.as_deref() == Some("message.started")).await;
     assert!(!started.is_empty());
     // `read_sse` consumed and dropped the stream above: the client is gone,
@@ -653,13 +644,11 @@ async fn a_second_oneshot_beyond_the_cap_gets_503() {
     use futures::StreamExt;
     let gw = Gateway::start(|c| c.max_oneshot = 1).await;
     let res = gw
-        .http
-        .post(gw.url("/oneshot"))
-        .header("accept", "text/event-stream")
-        .json(&json!({"agent": "python", "content": "import time; time.sleep(1); print('done')"}))
-        .send()
-        .await
-        .unwrap();
+        .post_sse(
+            "/oneshot",
+            json!({"agent": "python", "content": "import time; time.sleep(1); print('done')"}),
+        )
+        .await;
     // Read until the run has started, keeping the stream (and so the run) alive.
     let mut stream = res.bytes_stream();
     let mut seen = String::new();

@@ -128,15 +128,35 @@ impl Gateway {
         self.post_message(session, "", content, 202).await
     }
 
-    /// Sends `body` with `Accept: text/event-stream`: the message's own SSE stream.
-    pub async fn stream(&self, session: &str, body: Value) -> reqwest::Response {
+    /// POSTs `body` to `path` with `Accept: text/event-stream`.
+    pub async fn post_sse(&self, path: &str, body: Value) -> reqwest::Response {
         self.http
-            .post(self.url(&format!("/sessions/{session}/messages")))
+            .post(self.url(path))
             .header("accept", "text/event-stream")
             .json(&body)
             .send()
             .await
             .unwrap()
+    }
+
+    /// Sends `body` with `Accept: text/event-stream`: the message's own SSE stream.
+    pub async fn stream(&self, session: &str, body: Value) -> reqwest::Response {
+        self.post_sse(&format!("/sessions/{session}/messages"), body)
+            .await
+    }
+
+    /// SIGKILLs the session's child and waits until the session is `suspended`.
+    pub async fn kill_child(&self, session: &str) {
+        let pid = self.session(session).await["pid"].as_u64().unwrap() as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        eventually(Duration::from_secs(30), || async {
+            self.session(session).await["state"] == "suspended"
+        })
+        .await;
     }
 
     /// `GET /sessions/{session}/events{query}`: the session's SSE log.
