@@ -159,6 +159,10 @@ pub struct AgentProfile {
     pub protocol: ProtocolKind,
     /// For `lines`: how a reply ends. `None` for other protocols.
     pub ending: Option<LineEnding>,
+    /// For `lines` with a `prompt`: the prompt the program prints instead
+    /// while an input line continues a block (Python's `... `). Each input
+    /// line ends with one prompt or the other.
+    pub continuation_prompt: Option<String>,
     /// Send stderr through the stdout pipe (the kernel keeps their order).
     pub merge_stderr: bool,
     /// Extra environment variables for the child.
@@ -235,6 +239,7 @@ struct RawProfile {
     protocol: ProtocolKind,
     description: Option<String>,
     prompt: Option<String>,
+    continuation_prompt: Option<String>,
     end_marker: Option<String>,
     quiet_ms: Option<u64>,
     #[serde(default)]
@@ -509,6 +514,15 @@ fn resolve_profile(file: &str, name: &str, raw: RawProfile) -> Result<AgentProfi
                     ))
                 }
             }
+            if raw.continuation_prompt.is_some() && raw.prompt.is_none() {
+                return Err(err(
+                    "continuation_prompt",
+                    "needs `prompt` (it is the prompt printed inside a block)".into(),
+                ));
+            }
+            if raw.continuation_prompt.as_deref() == Some("") {
+                return Err(err("continuation_prompt", "must not be empty".into()));
+            }
             Some(if let Some(re) = &raw.end_marker {
                 LineEnding::EndMarker(
                     Regex::new(re).map_err(|e| err("end_marker", format!("bad regex: {e}")))?,
@@ -527,10 +541,14 @@ fn resolve_profile(file: &str, name: &str, raw: RawProfile) -> Result<AgentProfi
             })
         }
         ProtocolKind::ClaudeStreamJson => {
-            if raw.end_marker.is_some() || raw.prompt.is_some() || raw.quiet_ms.is_some() {
+            if raw.end_marker.is_some()
+                || raw.prompt.is_some()
+                || raw.quiet_ms.is_some()
+                || raw.continuation_prompt.is_some()
+            {
                 return Err(err(
                     "protocol",
-                    "end_marker/prompt/quiet_ms apply to `lines` only".into(),
+                    "end_marker/prompt/continuation_prompt/quiet_ms apply to `lines` only".into(),
                 ));
             }
             None
@@ -555,6 +573,7 @@ fn resolve_profile(file: &str, name: &str, raw: RawProfile) -> Result<AgentProfi
         oneshot_command: raw.oneshot_command,
         protocol: raw.protocol,
         ending,
+        continuation_prompt: raw.continuation_prompt.clone(),
         merge_stderr: raw.merge_stderr,
         env: raw.env,
         pass_env: raw.pass_env,
@@ -595,6 +614,7 @@ pub fn demo_profile(self_exe: &Path) -> AgentProfile {
         command: vec![exe.clone(), "demo-agent".into()],
         oneshot_command: Some(vec![exe, "demo-agent".into(), "--oneshot".into()]),
         protocol: ProtocolKind::Lines,
+        continuation_prompt: None,
         ending: Some(LineEnding::EndMarker(
             Regex::new(crate::demo::END_MARKER_REGEX).expect("constant regex"),
         )),
@@ -638,6 +658,7 @@ pub fn claude_profile(bin: &Path) -> AgentProfile {
         oneshot_command: Some(argv(&["-p", "--output-format", "stream-json", "--verbose"])),
         protocol: ProtocolKind::ClaudeStreamJson,
         ending: None,
+        continuation_prompt: None,
         merge_stderr: false,
         env: BTreeMap::new(),
         pass_env: vec!["ANTHROPIC_*".into(), "CLAUDE_*".into(), "DISABLE_*".into()],

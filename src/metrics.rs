@@ -143,6 +143,7 @@ pub struct Metrics {
     reaps: Family<ReasonLabel, Counter>,
     restarts: Counter,
     crashes: Counter,
+    unattributed: Counter,
 }
 
 impl Default for Metrics {
@@ -171,6 +172,7 @@ impl Metrics {
             reaps: Family::default(),
             restarts: Counter::default(),
             crashes: Counter::default(),
+            unattributed: Counter::default(),
         };
         let registry = &mut m.registry;
         registry.register("sessions", "Live sessions by state", m.sessions.clone());
@@ -245,6 +247,11 @@ impl Metrics {
             "child_crashes",
             "Session children that exited when nobody asked them to",
             m.crashes.clone(),
+        );
+        registry.register(
+            "unattributed_output_bytes",
+            "Bytes a session child printed while no message of its session was running (after a reply ended, before the next was written): logged, never attributed to a message",
+            m.unattributed.clone(),
         );
         // Every known label value starts at zero, so a series exists before
         // its first event (a rate over a missing series is no rate at all).
@@ -340,6 +347,11 @@ impl Metrics {
     /// A session child exited on its own.
     pub fn crashed(&self) {
         self.crashes.inc();
+    }
+
+    /// A session child printed `bytes` that belong to no message.
+    pub fn unattributed(&self, bytes: usize) {
+        self.unattributed.inc_by(bytes as u64);
     }
 
     /// Counts an SSE stream as open until the returned guard is dropped.

@@ -499,13 +499,15 @@ async fn max_children_suspends_the_least_recently_used_idle_child() {
         .send()
         .await
         .unwrap();
-    // A third child: s1's is the least recently used idle one.
+    // A third session: no slot for its child now (the limit is hard); s1's
+    // is the least recently used idle child and makes room.
     let s3 = id_of(&gw.create("sed").await);
     let items = read_sse(events1, T, |i| i.data["reason"] == "max_children").await;
     assert_eq!(items.last().unwrap().data["state"], "suspended");
     eventually(T, || async { !alive(pid1) }).await;
     assert!(gw.session(&s1).await["pid"].is_null());
     assert!(alive(pid2));
+    assert_eq!(gw.ask(&s3, "three").await["output"], "three\n");
     assert!(gw.session(&s3).await["pid"].is_u64());
     // Its next message starts a child again, and then s2 is the one to go.
     assert_eq!(gw.ask(&s1, "back").await["output"], "back\n");
@@ -888,10 +890,29 @@ async fn a_crash_loop_spends_the_restart_budget_and_closes_the_session() {
     }
     let items = log.await.unwrap();
     assert_eq!(items.last().unwrap().data["reason"], "failed");
-    eventually(T, || async {
-        gw.get(&format!("/sessions/{id}")).await.status() == 404
-    })
-    .await;
+    // The closed session keeps its history readable; a new message is 410.
+    let view = gw.session(&id).await;
+    assert_eq!(view["state"], "closed");
+    assert_eq!(view["message_count"], 3);
+    let res = gw.get(&format!("/sessions/{id}/messages")).await;
+    let history: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(history["messages"].as_array().unwrap().len(), 3);
+    let res = gw
+        .post(
+            &format!("/sessions/{id}/messages"),
+            json!({"content": "more"}),
+        )
+        .await;
+    assert_problem(res, 410).await;
+    // DELETE removes it for good.
+    let res = gw
+        .http
+        .delete(gw.url(&format!("/sessions/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    assert_eq!(gw.get(&format!("/sessions/{id}")).await.status(), 404);
     gw.stop().await;
 }
 

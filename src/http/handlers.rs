@@ -19,10 +19,10 @@ use super::sse::{self, Scope};
 use super::{json_response, problem, AppState};
 use crate::error::ApiError;
 use crate::model::{
-    Agent, AgentList, CreateSession, Health, MessageList, MessageStatus, OneshotRequest,
-    OneshotResponse, PermissionDecision, SendMessage, SessionList,
+    Agent, AgentList, CreateSession, FailureCode, Health, MessageList, MessageStatus,
+    OneshotRequest, OneshotResponse, PermissionDecision, SendMessage, SessionList,
 };
-use crate::session::{CloseReason, EventLog};
+use crate::session::EventLog;
 
 /// The OpenAPI document the server implements.
 pub const OPENAPI: &str = include_str!("../../openapi.yaml");
@@ -75,10 +75,36 @@ fn query_u64(q: &HashMap<String, String>, key: &str) -> Result<Option<u64>, ApiE
         .transpose()
 }
 
-fn wants_sse(accept: &Option<String>) -> bool {
-    accept
-        .as_deref()
-        .is_some_and(|a| a.contains("text/event-stream"))
+/// Whether `Accept` asks for an SSE stream rather than JSON (RFC 9110
+/// §12.5.1): `text/event-stream` must be named (media types compare
+/// case-insensitively) with a q above 0, and at least as high as JSON's
+/// (`application/json`, else `application/*`, else `*/*`). A bare `*/*`
+/// (curl's default) gets JSON.
+pub(crate) fn wants_sse(accept: &Option<String>) -> bool {
+    let Some(accept) = accept.as_deref() else {
+        return false;
+    };
+    let mut sse: Option<f32> = None;
+    let (mut json, mut app_any, mut any) = (None, None, None);
+    for range in accept.split(',') {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .map_or(Some(1.0), |(_, v)| v.trim().parse::<f32>().ok())
+            .unwrap_or(0.0);
+        let slot = match media.as_str() {
+            "text/event-stream" => &mut sse,
+            "application/json" => &mut json,
+            "application/*" => &mut app_any,
+            "*/*" => &mut any,
+            _ => continue,
+        };
+        *slot = Some(slot.map_or(q, |old: f32| old.max(q)));
+    }
+    let json = json.or(app_any).or(any).unwrap_or(0.0);
+    sse.is_some_and(|q| q > 0.0 && q >= json)
 }
 
 fn timeout_of(ms: Option<u64>) -> Result<Option<Duration>, ApiError> {
@@ -185,7 +211,7 @@ pub async fn delete_session(id: String, state: AppState) -> Response {
     answer(
         state
             .registry
-            .close(&id, CloseReason::Deleted)
+            .delete(&id)
             .await
             .map(|()| StatusCode::NO_CONTENT.into_response()),
     )
@@ -229,6 +255,20 @@ pub async fn send_message(
                     .wait_finished(message.id)
                     .await
                     .ok_or_else(|| ApiError::Gone("the session was closed".into()))?;
+                // Only a session's close (deleted, expired, failed, shut down)
+                // fails a message with `shutdown`: 410, as for any request to
+                // a closed session.
+                let closed_it = done
+                    .error
+                    .as_ref()
+                    .is_some_and(|e| e.code == FailureCode::Shutdown);
+                if closed_it {
+                    let detail = done.error.map(|e| e.detail).unwrap_or_default();
+                    return Err(ApiError::Gone(format!(
+                        "message {} did not finish: {detail}",
+                        done.id
+                    )));
+                }
                 return Ok(with_location(
                     json_response(StatusCode::OK, &done),
                     location,
@@ -435,4 +475,27 @@ pub async fn oneshot(
         ))
     }
     .await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wants_sse;
+
+    fn sse(accept: &str) -> bool {
+        wants_sse(&Some(accept.to_string()))
+    }
+
+    #[test]
+    fn accept_is_parsed_with_q_values_and_without_case() {
+        assert!(sse("text/event-stream"));
+        assert!(sse("TEXT/EVENT-STREAM"));
+        assert!(sse("application/json, text/event-stream"));
+        assert!(sse("text/event-stream;q=0.5, */*;q=0.1"));
+        assert!(!sse("text/event-stream;q=0"));
+        assert!(!sse("text/event-stream; q=0.0, application/json"));
+        assert!(!sse("*/*"));
+        assert!(!sse("application/json;q=1, text/event-stream;q=0.5"));
+        assert!(!sse("text/*"));
+        assert!(!wants_sse(&None));
+    }
 }

@@ -81,6 +81,12 @@ pub fn allowed_methods(path: &str) -> Option<&'static [&'static str]> {
     })
 }
 
+/// GET, and HEAD wherever GET works (RFC 9110 §9.3.2; `curl -I` and uptime
+/// monitors use it). hyper sends no body for HEAD, only the headers.
+fn get() -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::get().or(warp::head()).unify()
+}
+
 fn with_state(state: AppState) -> impl Filter<Extract = (AppState,), Error = Infallible> + Clone {
     warp::any().map(move || state.clone())
 }
@@ -164,13 +170,13 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
     let limit = state.registry.config.max_body;
     let s = || with_state(state.clone());
 
-    let index = warp::path::end().and(warp::get()).map(handlers::index);
+    let index = warp::path::end().and(get()).map(handlers::index);
     let agents = warp::path!("agents")
-        .and(warp::get())
+        .and(get())
         .and(s())
         .map(handlers::agents);
     let sessions_list = warp::path!("sessions")
-        .and(warp::get())
+        .and(get())
         .and(s())
         .map(handlers::list_sessions);
     let sessions_create = warp::path!("sessions")
@@ -179,7 +185,7 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .and(body(limit))
         .then(handlers::create_session);
     let session_get = warp::path!("sessions" / String)
-        .and(warp::get())
+        .and(get())
         .and(s())
         .map(handlers::get_session);
     let session_delete = warp::path!("sessions" / String)
@@ -197,12 +203,12 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .and(body(limit))
         .then(handlers::send_message);
     let messages_list = warp::path!("sessions" / String / "messages")
-        .and(warp::get())
+        .and(get())
         .and(s())
         .and(raw_query())
         .map(handlers::list_messages);
     let message_get = warp::path!("sessions" / String / "messages" / String)
-        .and(warp::get())
+        .and(get())
         .and(s())
         .map(handlers::get_message);
     let interrupt = warp::path!("sessions" / String / "interrupt")
@@ -215,7 +221,7 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .and(body(limit))
         .then(handlers::permission);
     let events = warp::path!("sessions" / String / "events")
-        .and(warp::get())
+        .and(get())
         .and(s())
         .and(header("last-event-id"))
         .and(raw_query())
@@ -227,15 +233,15 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .and(body(limit))
         .then(handlers::oneshot);
     let healthz = warp::path!("healthz")
-        .and(warp::get())
+        .and(get())
         .and(s())
         .map(handlers::healthz);
     let metrics = warp::path!("metrics")
-        .and(warp::get())
+        .and(get())
         .and(s())
         .map(handlers::metrics);
     let openapi = warp::path!("openapi.yaml")
-        .and(warp::get())
+        .and(get())
         .map(handlers::openapi);
 
     let api = index
@@ -282,7 +288,11 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
 fn no_route(method: &Method, path: &str) -> Response {
     match allowed_methods(path) {
         Some(methods) if !methods.contains(&method.as_str()) => {
-            problem::response(&ApiError::MethodNotAllowed(methods.join(", ")))
+            let mut allow = methods.join(", ");
+            if methods.contains(&"GET") {
+                allow.push_str(", HEAD");
+            }
+            problem::response(&ApiError::MethodNotAllowed(allow))
         }
         _ => problem::response(&ApiError::NotFound(format!("no route for {method} {path}"))),
     }

@@ -122,6 +122,16 @@ impl ChildProcess {
         }
     }
 
+    /// Output the reader has already delivered, without waiting; `None` when
+    /// there is none right now (or the child has exited: then
+    /// [`ChildProcess::next_event`] drains the rest in order).
+    pub fn try_next_output(&mut self) -> Option<ChildEvent> {
+        if self.status.is_some() || !self.output_open {
+            return None;
+        }
+        self.output.try_recv().ok()
+    }
+
     /// Whether the leader has exited (reaps it if so, without waiting).
     pub fn try_exited(&mut self) -> bool {
         if self.status.is_none() {

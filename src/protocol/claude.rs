@@ -142,8 +142,14 @@ fn outcome_of(event: &Value) -> Outcome {
         .and_then(Value::as_str)
         .map(str::to_string);
     let result = if event["is_error"].as_bool().unwrap_or(false) {
-        let subtype = event["subtype"].as_str().unwrap_or("error");
+        // The CLI reports some failures (an API error) with `subtype:
+        // "success"` and `is_error: true`: the subtype then says nothing.
+        let subtype = event["subtype"]
+            .as_str()
+            .filter(|st| *st != "success")
+            .unwrap_or("error");
         let detail = match (&text, event.get("errors")) {
+            (Some(t), _) if !t.is_empty() && subtype == "error" => t.clone(),
             (Some(t), _) if !t.is_empty() => format!("{subtype}: {t}"),
             (_, Some(errors)) => format!("{subtype}: {errors}"),
             _ => subtype.to_string(),
@@ -272,6 +278,25 @@ mod tests {
                 assert_eq!(o.result, Ok(Some("Hello".into())));
                 assert_eq!(o.usage.as_ref().unwrap()["usage"]["input_tokens"], 3);
             }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_api_error_reported_as_success_reads_as_the_error_alone() {
+        let mut a = StreamJson::new();
+        let out = feed(
+            &mut a,
+            "{\"type\":\"result\",\"subtype\":\"success\",\"is_error\":true,\"result\":\"API Error: 400 bad request\"}\n",
+        );
+        match out.last().unwrap() {
+            Signal::Done(o) => assert_eq!(
+                o.result.as_ref().unwrap_err(),
+                &(
+                    FailureCode::AgentError,
+                    "API Error: 400 bad request".to_string()
+                )
+            ),
             other => panic!("{other:?}"),
         }
     }

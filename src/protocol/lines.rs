@@ -6,11 +6,27 @@
 //! stderr; one printed at start-up means "ready"), or silence (`quiet_ms`,
 //! timed by the session task).
 //!
+//! Framing of multi-line content: a program that answers line by line ends
+//! its answer to *each input line* with a marker or a prompt, so a message of
+//! N lines ends with the N-th marker or prompt; the ones before it are not
+//! output (they separate the answers to each line). A profile may name a
+//! `continuation_prompt` (Python's `... `) that ends a line inside a block
+//! just as the prompt does. Silence ends the whole message at once.
+//!
+//! A prompt counts where a prompt can stand: at the start of a line (or
+//! right after the previous prompt), or as the last thing printed so far.
+//! Output that contains the prompt text at a line start is ambiguous for any
+//! unframed protocol and is taken as a prompt.
+//!
 //! With `end_marker`, a partial line is held back only while it could still
 //! become the marker line (a lazy DFA of the anchored marker says when it no
 //! longer can), so replies stream word by word. A marker without a leading
 //! `^` can match anywhere, so with such a marker output streams line by line.
-//! With a prompt, only a tail that could be the start of the prompt is held.
+//! With a prompt, only a tail that could be the start of a prompt is held.
+//!
+//! Output printed while no reply runs belongs to no message: it is reported
+//! as [`Signal::Unattributed`] (logged and counted by the session), never
+//! given to the next message.
 
 use std::time::Duration;
 
@@ -24,11 +40,18 @@ use crate::config::LineEnding;
 #[derive(Debug)]
 pub struct Lines {
     ending: LineEnding,
+    /// The prompt, then the continuation prompt if the profile names one.
+    prompts: Vec<Vec<u8>>,
     in_reply: bool,
+    /// Markers or prompts still to come before the reply ends (one per input line).
+    pending_ends: usize,
     /// Stdout bytes not yet emitted (a partial line, or a possible prompt start).
     held: Vec<u8>,
+    /// Whether `held` starts at the start of a line (or right after a prompt).
+    held_at_line_start: bool,
     /// The last stderr bytes, to find a prompt printed there.
     stderr_tail: Vec<u8>,
+    stderr_at_line_start: bool,
     decoder: Utf8Decoder,
     /// Emitted bytes of the current partial stdout line (they are no longer in `held`).
     line_emitted: bool,
@@ -74,13 +97,37 @@ impl MarkerPrefix {
     }
 }
 
+/// The first prompt in `data` that stands where a prompt can: at a line
+/// start (`at_line_start` for index 0), or ending `data`. Returns its start
+/// and length.
+fn find_prompt(data: &[u8], prompts: &[Vec<u8>], at_line_start: bool) -> Option<(usize, usize)> {
+    (0..data.len()).find_map(|i| {
+        let line_start = if i == 0 {
+            at_line_start
+        } else {
+            data[i - 1] == b'\n'
+        };
+        prompts.iter().find_map(|p| {
+            let here = data[i..].starts_with(p);
+            (here && (line_start || i + p.len() == data.len())).then_some((i, p.len()))
+        })
+    })
+}
+
 impl Lines {
     /// A new adapter ending replies by `ending`.
     pub fn new(ending: LineEnding) -> Lines {
         Lines {
+            prompts: match &ending {
+                LineEnding::Prompt(p) => vec![p.as_bytes().to_vec()],
+                _ => vec![],
+            },
             in_reply: false,
+            pending_ends: 0,
             held: Vec::new(),
+            held_at_line_start: true,
             stderr_tail: Vec::new(),
+            stderr_at_line_start: true,
             decoder: Utf8Decoder::default(),
             line_emitted: false,
             marker: match &ending {
@@ -91,11 +138,20 @@ impl Lines {
         }
     }
 
+    /// Also ends a line at `prompt`, the one printed inside a block.
+    pub fn with_continuation(mut self, prompt: Option<String>) -> Lines {
+        if let (Some(p), LineEnding::Prompt(_)) = (prompt, &self.ending) {
+            self.prompts.push(p.into_bytes());
+        }
+        self
+    }
+
     fn emit(&mut self, bytes: &[u8], out: &mut Vec<Signal>) {
-        if !self.in_reply || bytes.is_empty() {
-            if !bytes.is_empty() {
-                tracing::debug!(bytes = bytes.len(), "output outside a reply dropped");
-            }
+        if bytes.is_empty() {
+            return;
+        }
+        if !self.in_reply {
+            out.push(Signal::Unattributed(bytes.len()));
             return;
         }
         let text = self.decoder.decode(bytes);
@@ -104,17 +160,22 @@ impl Lines {
         }
     }
 
+    /// One marker or prompt: the end of one input line's answer.
     fn end(&mut self, out: &mut Vec<Signal>) {
-        if self.in_reply {
-            let rest = self.decoder.finish();
-            if !rest.is_empty() {
-                out.push(Signal::Delta(rest));
-            }
-            self.in_reply = false;
-            out.push(Signal::Done(Outcome::streamed()));
-        } else {
+        if !self.in_reply {
             out.push(Signal::Ready);
+            return;
         }
+        self.pending_ends = self.pending_ends.saturating_sub(1);
+        if self.pending_ends > 0 {
+            return;
+        }
+        let rest = self.decoder.finish();
+        if !rest.is_empty() {
+            out.push(Signal::Delta(rest));
+        }
+        self.in_reply = false;
+        out.push(Signal::Done(Outcome::streamed()));
     }
 
     fn stdout_marker(&mut self, re: &regex::Regex, chunk: &[u8], out: &mut Vec<Signal>) {
@@ -160,17 +221,25 @@ impl Lines {
         self.held.drain(..ready_to);
     }
 
-    fn stdout_prompt(&mut self, prompt: &[u8], chunk: &[u8], out: &mut Vec<Signal>) {
+    fn stdout_prompt(&mut self, chunk: &[u8], out: &mut Vec<Signal>) {
         self.held.extend_from_slice(chunk);
-        if self.held.ends_with(prompt) {
-            let body = self.held[..self.held.len() - prompt.len()].to_vec();
-            self.held.clear();
+        while let Some((at, len)) = find_prompt(&self.held, &self.prompts, self.held_at_line_start)
+        {
+            let body: Vec<u8> = self.held.drain(..at + len).take(at).collect();
             self.emit(&body, out);
             self.end(out);
-            return;
+            self.held_at_line_start = true;
         }
-        let keep = partial_suffix(&self.held, prompt);
+        let keep = self
+            .prompts
+            .iter()
+            .map(|p| partial_suffix(&self.held, p))
+            .max()
+            .unwrap_or(0);
         let body: Vec<u8> = self.held.drain(..self.held.len() - keep).collect();
+        if let Some(last) = body.last() {
+            self.held_at_line_start = *last == b'\n';
+        }
         self.emit(&body, out);
     }
 }
@@ -191,32 +260,44 @@ impl Adapter for Lines {
         if !input.ends_with(b"\n") {
             input.push(b'\n');
         }
+        // One marker or prompt per input line (see the module docs).
+        self.pending_ends = input.iter().filter(|b| **b == b'\n').count();
         Bytes::from(input)
     }
 
     fn stdout(&mut self, chunk: &[u8], out: &mut Vec<Signal>) {
         match self.ending.clone() {
             LineEnding::EndMarker(re) => self.stdout_marker(&re, chunk, out),
-            LineEnding::Prompt(p) => self.stdout_prompt(p.as_bytes(), chunk, out),
+            LineEnding::Prompt(_) => self.stdout_prompt(chunk, out),
             LineEnding::Quiet(_) => self.emit(chunk, out),
         }
     }
 
     fn stderr(&mut self, chunk: &[u8], out: &mut Vec<Signal>) {
-        let LineEnding::Prompt(prompt) = &self.ending else {
+        if self.prompts.is_empty() {
             return;
-        };
-        let prompt = prompt.as_bytes().to_vec();
+        }
         self.stderr_tail.extend_from_slice(chunk);
-        if self.stderr_tail.ends_with(&prompt) {
-            self.stderr_tail.clear();
+        while let Some((at, len)) =
+            find_prompt(&self.stderr_tail, &self.prompts, self.stderr_at_line_start)
+        {
+            self.stderr_tail.drain(..at + len);
+            self.stderr_at_line_start = true;
             // A prompt on stderr: what stdout held back is output after all.
             let held = std::mem::take(&mut self.held);
+            if let Some(last) = held.last() {
+                self.held_at_line_start = *last == b'\n';
+            }
             self.emit(&held, out);
             self.end(out);
-        } else {
-            let keep = self.stderr_tail.len().saturating_sub(prompt.len());
-            self.stderr_tail.drain(..keep);
+        }
+        // Keep only what may still become a prompt (and whether it starts a line).
+        let longest = self.prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let keep = self.stderr_tail.len().min(longest);
+        let cut = self.stderr_tail.len() - keep;
+        if cut > 0 {
+            self.stderr_at_line_start = self.stderr_tail[cut - 1] == b'\n';
+            self.stderr_tail.drain(..cut);
         }
     }
 
@@ -233,6 +314,8 @@ impl Adapter for Lines {
 
     fn quiet(&mut self, out: &mut Vec<Signal>) {
         if self.in_reply {
+            // Silence ends the whole message, however many lines it had.
+            self.pending_ends = 1;
             self.end(out);
         }
     }

@@ -42,6 +42,9 @@ pub enum Signal {
     /// The agent could not resume its conversation (it no longer exists);
     /// the next child must start a new one.
     ConversationLost,
+    /// The child printed this many bytes while no reply was running: they
+    /// belong to no message and are never given to the next one.
+    Unattributed(usize),
     /// The reply ended.
     Done(Outcome),
 }
@@ -104,12 +107,15 @@ pub trait Adapter: Send {
 /// The adapter for a persistent child of `profile`.
 pub fn persistent(profile: &AgentProfile) -> Box<dyn Adapter> {
     match profile.protocol {
-        ProtocolKind::Lines => Box::new(lines::Lines::new(
-            profile
-                .ending
-                .clone()
-                .expect("validated: lines profiles have an ending"),
-        )),
+        ProtocolKind::Lines => Box::new(
+            lines::Lines::new(
+                profile
+                    .ending
+                    .clone()
+                    .expect("validated: lines profiles have an ending"),
+            )
+            .with_continuation(profile.continuation_prompt.clone()),
+        ),
         ProtocolKind::ClaudeStreamJson => Box::new(claude::StreamJson::new()),
     }
 }

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::prewarm::spawn_spec;
@@ -38,6 +39,9 @@ struct Child {
     ready: bool,
     /// Being ended on purpose: takes no messages, its exit is no crash.
     retiring: bool,
+    /// The gateway sent it SIGINT (an interrupt): an exit by that signal is
+    /// the gateway's doing, not a crash.
+    sigint_sent: bool,
     ready_deadline: Instant,
 }
 
@@ -92,6 +96,8 @@ enum Wake {
     Command(Option<Command>),
     Child(ChildEvent),
     Fallback(Option<FallbackEvent>),
+    /// A child stopped beside the task (reaper, `max_children`) is gone.
+    Stopped,
     Timer,
 }
 
@@ -106,6 +112,9 @@ pub(super) struct Actor {
     exits: VecDeque<Instant>,
     permissions: HashMap<String, Pending>,
     fallback: Option<FallbackRun>,
+    /// A child being stopped beside this task: no new child starts before
+    /// it is gone (claude flushes the transcript that `--resume` reads).
+    stopping: Option<tokio::sync::oneshot::Receiver<()>>,
     closed: bool,
     /// Whether this session ever had a child (a later one is a restart).
     had_child: bool,
@@ -130,6 +139,7 @@ impl Actor {
             exits: VecDeque::new(),
             permissions: HashMap::new(),
             fallback: None,
+            stopping: None,
             closed: false,
             had_child: false,
             span: tracing::Span::none(),
@@ -137,7 +147,6 @@ impl Actor {
     }
 
     pub(super) async fn run(mut self) {
-        use tracing::Instrument;
         // The registry runs this future inside the session's span.
         self.span = tracing::Span::current();
         while !self.closed {
@@ -145,7 +154,14 @@ impl Actor {
             let wake = {
                 let child = self.child.as_mut().map(|c| &mut c.proc);
                 let fallback = self.fallback.as_mut().map(|f| &mut f.rx);
+                let stopping = self.stopping.as_mut();
                 tokio::select! {
+                    _ = async move {
+                        match stopping {
+                            Some(rx) => { let _ = rx.await; }
+                            None => std::future::pending().await,
+                        }
+                    } => Wake::Stopped,
                     ev = async move {
                         match fallback {
                             Some(rx) => rx.recv().await,
@@ -179,13 +195,17 @@ impl Actor {
                     Wake::Command(None) => self.close(CloseReason::Shutdown).await,
                     Wake::Child(ev) => self.child_event(ev).await,
                     Wake::Fallback(ev) => self.fallback_event(ev).await,
+                    Wake::Stopped => {
+                        self.stopping = None;
+                        self.try_start_next().await;
+                    }
                     Wake::Timer => self.timers().await,
                 }
             }
             .instrument(span)
             .await;
         }
-        self.registry.forget(self.shared.id);
+        self.registry.closed(&self.shared);
     }
 
     fn touch(&self) {
@@ -217,6 +237,9 @@ impl Actor {
         }
         tracing::debug!(session_id = %self.shared.id, ?state, ?reason, "state");
         self.publish("session.state", None, data);
+        if state == SessionState::Idle && pid.is_some() {
+            self.registry.child_idle();
+        }
     }
 
     fn update_message(&self, id: Uuid, f: impl FnOnce(&mut Message)) {
@@ -228,22 +251,28 @@ impl Actor {
 
     async fn command(&mut self, cmd: Command) {
         // The reaper's own request must not count as activity.
-        if !matches!(cmd, Command::Suspend { .. }) {
+        if !matches!(cmd, Command::Suspend { .. } | Command::Wake) {
             self.touch();
         }
         match cmd {
             Command::Start { warm, reply } => {
-                if let Some(proc) = warm {
+                if !self.shared.profile.persistent {
+                    self.set_state(SessionState::Idle, Some("fallback"));
+                } else if !self.registry.reserve_child(self.shared.id, false) {
+                    // At `max_children`: no child now (a warm one goes back
+                    // to nothing); the first message waits for a slot.
+                    drop(warm);
+                    self.set_state(SessionState::Suspended, Some("max_children"));
+                } else if let Some(proc) = warm {
                     tracing::info!(session_id = %self.shared.id, pid = proc.pid(), "took a prewarmed child");
                     self.adopt(proc);
-                } else if !self.shared.profile.persistent {
-                    self.set_state(SessionState::Idle, Some("fallback"));
                 } else if let Err(e) = self.spawn_child() {
                     tracing::warn!(session_id = %self.shared.id, error = %e, "spawn failed");
                     self.set_state(SessionState::Suspended, Some("spawn_failed"));
                 }
                 let _ = reply.send(());
             }
+            Command::Wake => self.try_start_next().await,
             Command::Send {
                 content,
                 timeout,
@@ -259,6 +288,12 @@ impl Actor {
                 let _ = reply.send(result);
             }
             Command::Interrupt { reply } => {
+                // Output the reader already holds comes first: a reply whose
+                // end arrived before the interrupt is completed, and the
+                // interrupt then finds nothing running (409).
+                while let Some(ev) = self.child.as_mut().and_then(|c| c.proc.try_next_output()) {
+                    self.child_event(ev).await;
+                }
                 let result = if let Some(id) = self.current.as_ref().map(|c| c.id) {
                     self.request_stop(StopReason::Interrupted).await;
                     Ok(id)
@@ -278,7 +313,7 @@ impl Actor {
                 let idle = self.current.is_none() && self.queue.is_empty() && self.child.is_some();
                 let long_enough = idle_for.is_none_or(|d| self.shared.idle_info().1 >= d);
                 if idle && long_enough {
-                    self.stop_child().await;
+                    self.stop_child_beside();
                     self.registry.metrics.reaped(reason);
                     self.set_state(SessionState::Suspended, Some(reason));
                     if reason == "idle" {
@@ -359,6 +394,16 @@ impl Actor {
             }
             let mut fallback = !self.shared.profile.persistent;
             if !fallback && self.child.is_none() {
+                if self.stopping.is_some() {
+                    // The previous child is still being stopped; `Wake::Stopped` retries.
+                    return;
+                }
+                if !self.registry.reserve_child(self.shared.id, true) {
+                    // Every child slot is busy: the message waits its turn
+                    // (`Command::Wake` when a slot frees).
+                    self.set_state(SessionState::Suspended, Some("max_children"));
+                    return;
+                }
                 if let Err(e) = self.spawn_child() {
                     if self.shared.profile.oneshot_command.is_some() {
                         tracing::warn!(session_id = %self.shared.id, error = %e, "cannot start the persistent child; running the message through the one-shot command");
@@ -373,6 +418,10 @@ impl Actor {
                 return;
             }
             if self.child.is_none() {
+                if !self.registry.reserve_child(self.shared.id, true) {
+                    self.set_state(SessionState::Suspended, Some("max_children"));
+                    return;
+                }
                 if let Err(e) = self.spawn_child() {
                     let q = self.queue.pop_front().expect("non-empty");
                     self.sync_queued();
@@ -419,26 +468,26 @@ impl Actor {
         }
     }
 
+    /// Starts this session's child in a slot the caller reserved
+    /// ([`Registry::reserve_child`]); a failed spawn gives the slot back.
     fn spawn_child(&mut self) -> std::io::Result<()> {
         let profile = &self.shared.profile;
         let resume = self.shared.status().agent_session_id.clone();
-        self.registry.make_room(self.shared.id);
         let spec = spawn_spec(profile, self.shared.cwd.clone(), resume.as_deref());
         // Under the session's span only: the child outlives the message that started it.
         let spawned = self.span.in_scope(|| ChildProcess::spawn(&spec));
         self.registry
             .metrics
             .spawned(crate::metrics::SpawnKind::Session, spawned.is_ok());
-        let proc = spawned?;
+        let proc = spawned.inspect_err(|_| self.registry.child_stopped())?;
         tracing::info!(session_id = %self.shared.id, pid = proc.pid(), resume = ?resume, "child started");
         self.adopt(proc);
         Ok(())
     }
 
-    /// Makes `proc` this session's child.
+    /// Makes `proc` this session's child (its slot is already reserved).
     fn adopt(&mut self, proc: ChildProcess) {
         let profile = &self.shared.profile;
-        self.registry.child_started();
         if self.had_child {
             self.registry.metrics.restarted();
         }
@@ -450,6 +499,7 @@ impl Actor {
             adapter,
             ready,
             retiring: false,
+            sigint_sent: false,
             ready_deadline: Instant::now() + READY_TIMEOUT.min(profile.timeout),
         });
         self.set_state(SessionState::Starting, None);
@@ -590,7 +640,10 @@ impl Actor {
                 Some(bytes) => {
                     child.proc.write(bytes);
                 }
-                None => child.proc.signal(Sig::SIGINT),
+                None => {
+                    child.sigint_sent = true;
+                    child.proc.signal(Sig::SIGINT);
+                }
             }
         }
     }
@@ -649,17 +702,31 @@ impl Actor {
                     c.adapter.eof(&mut signals);
                 }
                 self.apply(signals).await;
-                let retiring = self.child.take().is_some_and(|c| c.retiring);
+                let child = self.child.take();
+                let retiring = child.as_ref().is_some_and(|c| c.retiring);
+                let our_sigint =
+                    child.as_ref().is_some_and(|c| c.sigint_sent) && ended_by_sigint(&status);
                 self.registry.child_stopped();
                 self.permissions.clear();
                 let exit = describe_exit(&status);
                 tracing::info!(session_id = %self.shared.id, %exit, "child exited");
-                let intentional =
-                    retiring || self.current.as_ref().is_some_and(|c| c.stop.is_some());
+                // An exit the gateway caused (its own signal, a stop, a kill)
+                // is never a crash, whether or not a message still runs.
+                let intentional = retiring
+                    || our_sigint
+                    || self.current.as_ref().is_some_and(|c| c.stop.is_some());
                 if !intentional {
                     self.registry.metrics.crashed();
                 }
-                if self.current.is_some() {
+                let unanswered = self.current.as_ref().is_some_and(|c| {
+                    c.stop.is_none() && !c.fallback && c.output.is_empty() && !c.first_delta
+                });
+                if our_sigint && unanswered {
+                    // The next message was written to a child that the
+                    // gateway's own interrupt signal was ending; it never
+                    // answered, so it runs again on a new child.
+                    self.requeue_current();
+                } else if self.current.is_some() {
                     let tail = String::from_utf8_lossy(&self.stderr_tail)
                         .trim_end()
                         .to_string();
@@ -689,9 +756,11 @@ impl Actor {
                     }
                     self.try_start_next().await;
                 }
+                Signal::Unattributed(bytes) => self.unattributed(bytes),
                 Signal::Delta(text) => {
                     let max = self.registry.config.max_output;
                     let Some(cur) = self.current.as_mut() else {
+                        self.unattributed(text.len());
                         continue;
                     };
                     if cur.stop == Some(StopReason::OutputLimit) {
@@ -948,6 +1017,61 @@ impl Actor {
         self.apply(signals).await;
     }
 
+    /// Stops the child in a task of its own, so the session answers at once
+    /// while the child gets its grace period; the slot is given back when it
+    /// is gone, and no new child starts before then.
+    fn stop_child_beside(&mut self) {
+        let Some(child) = self.child.take() else {
+            return;
+        };
+        self.permissions.clear();
+        let (done, rx) = tokio::sync::oneshot::channel();
+        self.stopping = Some(rx);
+        let registry = self.registry.clone();
+        let grace = self.shared.profile.stop_grace;
+        let id = self.shared.id;
+        tokio::spawn(
+            async move {
+                let pid = child.proc.pid();
+                let status = child.proc.stop(grace).await;
+                registry.child_stopped();
+                tracing::info!(session_id = %id, pid, exit = %describe_exit(&status), "child stopped");
+                let _ = done.send(());
+            }
+            .instrument(self.span.clone()),
+        );
+    }
+
+    /// Puts the running message back at the head of the queue.
+    fn requeue_current(&mut self) {
+        let Some(cur) = self.current.take() else {
+            return;
+        };
+        let timeout = cur.deadline.duration_since(cur.started);
+        let content = self
+            .shared
+            .message(cur.id)
+            .map(|m| m.input)
+            .unwrap_or_default();
+        self.update_message(cur.id, |m| {
+            m.status = MessageStatus::Queued;
+            m.started_at = None;
+        });
+        tracing::info!(session_id = %self.shared.id, message_id = %cur.id, "the child ended by the gateway's interrupt never answered this message: queued again");
+        self.queue.push_front(Queued {
+            id: cur.id,
+            content,
+            timeout,
+        });
+        self.sync_queued();
+    }
+
+    /// Output that belongs to no message: logged and counted, never attributed.
+    fn unattributed(&self, bytes: usize) {
+        self.registry.metrics.unattributed(bytes);
+        tracing::warn!(session_id = %self.shared.id, bytes, "the child printed output while no message was running; it belongs to no message");
+    }
+
     async fn stop_child(&mut self) {
         if let Some(child) = self.child.take() {
             let pid = child.proc.pid();
@@ -983,6 +1107,9 @@ impl Actor {
         }
         self.sync_queued();
         self.stop_child().await;
+        if let Some(rx) = self.stopping.take() {
+            let _ = rx.await;
+        }
         let label = match reason {
             CloseReason::Deleted => "deleted",
             CloseReason::Expired => "expired",
@@ -996,4 +1123,11 @@ impl Actor {
         self.shared.finished.send_modify(|n| *n += 1);
         tracing::info!(session_id = %self.shared.id, ?reason, "session closed");
     }
+}
+
+/// Whether the child ended by SIGINT (by the signal, or by the shell
+/// convention of exiting with 128 + 2).
+fn ended_by_sigint(status: &std::process::ExitStatus) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    status.signal() == Some(Sig::SIGINT as i32) || status.code() == Some(130)
 }

@@ -173,7 +173,10 @@ impl EventLog {
     /// whether the log is closed.
     fn read_after(&self, cursor: u64, into: &mut VecDeque<Item>) -> (u64, bool) {
         let ring = self.ring.lock().expect("event ring poisoned");
-        let mut cursor = cursor.min(ring.next_seq - 1);
+        // A cursor ahead of the log stays where it is: ids at or below the
+        // one a client asked to skip are never sent, even if the log has
+        // not reached it yet (the stream then waits for later ids).
+        let mut cursor = cursor;
         if let Some(first) = ring.events.front().map(|e| e.seq) {
             if cursor + 1 < first {
                 into.push_back(Item::Gap {

@@ -71,6 +71,8 @@ pub(crate) enum Command {
         reason: CloseReason,
         reply: oneshot::Sender<()>,
     },
+    /// A child slot may have come free (`max_children`): try the queue again.
+    Wake,
 }
 
 /// The readable part of a session.
@@ -94,6 +96,8 @@ pub struct SessionShared {
     status: Mutex<Status>,
     /// Bumped whenever a message finishes, for `?wait=true`.
     finished: watch::Sender<u64>,
+    /// Its place under `max_sessions` was given back (it closed).
+    released: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -226,6 +230,11 @@ impl SessionHandle {
     /// Asks the session to stop its child if it is idle.
     pub(crate) fn suspend(&self, reason: &'static str, idle_for: Option<Duration>) {
         let _ = self.tx.try_send(Command::Suspend { reason, idle_for });
+    }
+
+    /// Tells the session that a child slot may be free.
+    pub(crate) fn wake(&self) {
+        let _ = self.tx.try_send(Command::Wake);
     }
 
     /// Waits until message `id` has finished and returns it.

@@ -1,6 +1,7 @@
 //! The reaper: stops children idle longer than `idle_timeout` (the session
 //! stays, `suspended`; its next message starts a child again) and removes
-//! sessions with no activity for `session_ttl`.
+//! sessions with no activity for `session_ttl` (they stay readable as
+//! `closed` for another `session_ttl`, then are forgotten).
 
 use std::sync::Arc;
 
@@ -22,7 +23,10 @@ pub async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
         for handle in registry.list() {
             let (state, idle_for, has_child) = handle.shared.idle_info();
             let quiet = matches!(state, SessionState::Idle | SessionState::Suspended);
-            if quiet && idle_for >= config.session_ttl {
+            if state == SessionState::Closed && idle_for >= config.session_ttl {
+                // A session the gateway closed stayed readable for a while.
+                registry.forget(handle.id());
+            } else if quiet && idle_for >= config.session_ttl {
                 tracing::info!(session_id = %handle.id(), "session expired");
                 let registry = registry.clone();
                 let id = handle.id().to_string();

@@ -25,7 +25,10 @@ pub struct Registry {
     pub config: Arc<Config>,
     sessions: DashMap<Uuid, SessionHandle>,
     reserved: AtomicUsize,
+    /// Session children alive or reserved (see [`Registry::reserve_child`]).
     live_children: AtomicUsize,
+    /// Sessions whose next message waits for a child slot.
+    waiters: Mutex<Vec<Uuid>>,
     shutting_down: AtomicBool,
     pool: super::prewarm::Pool,
     /// The gateway's metrics (`GET /metrics`).
@@ -40,6 +43,7 @@ impl Registry {
             sessions: DashMap::new(),
             reserved: AtomicUsize::new(0),
             live_children: AtomicUsize::new(0),
+            waiters: Mutex::new(Vec::new()),
             shutting_down: AtomicBool::new(false),
             pool: Default::default(),
             metrics: crate::metrics::Metrics::new(),
@@ -94,6 +98,7 @@ impl Registry {
                 agent_session_id: None,
             }),
             finished: watch::channel(0).0,
+            released: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::channel(64);
         let handle = SessionHandle {
@@ -151,31 +156,106 @@ impl Registry {
         self.live_children.load(Ordering::SeqCst)
     }
 
-    /// Closes session `id` and removes it.
-    pub async fn close(&self, id: &str, reason: CloseReason) -> Result<(), ApiError> {
-        let handle = self.get(id)?;
-        handle.close(reason).await;
-        self.forget(handle.id());
+    /// Deletes session `id`: it leaves the registry at once (so of several
+    /// concurrent DELETEs exactly one finds it: 204, the others 404), then
+    /// closes (one `session.closed`); returns once its child is gone.
+    pub async fn delete(&self, id: &str) -> Result<(), ApiError> {
+        let handle = Uuid::parse_str(id)
+            .ok()
+            .and_then(|id| self.sessions.remove(&id))
+            .map(|(_, h)| h)
+            .ok_or_else(|| ApiError::NotFound(format!("no session {id}")))?;
+        handle.close(CloseReason::Deleted).await;
+        self.release(&handle.shared);
         Ok(())
     }
 
-    /// Drops a closed session from the registry.
-    pub(super) fn forget(&self, id: Uuid) {
-        if self.sessions.remove(&id).is_some() {
+    /// Closes session `id` for `reason` (expiry): it stays readable as a
+    /// `closed` session until the reaper forgets it.
+    pub async fn close(&self, id: &str, reason: CloseReason) -> Result<(), ApiError> {
+        let handle = self.get(id)?;
+        handle.close(reason).await;
+        Ok(())
+    }
+
+    /// The session task of `shared` ended. A session the gateway closed
+    /// (`failed`, `expired`) keeps its history readable as `closed` for
+    /// `session_ttl`; it no longer counts towards `max_sessions`.
+    pub(super) fn closed(&self, shared: &SessionShared) {
+        self.release(shared);
+    }
+
+    /// Gives back a closed session's place under `max_sessions` (once).
+    fn release(&self, shared: &SessionShared) {
+        if !shared.released.swap(true, Ordering::SeqCst) {
             self.reserved.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
-    pub(super) fn child_started(&self) {
-        self.live_children.fetch_add(1, Ordering::SeqCst);
+    /// Drops a session from the registry.
+    pub(super) fn forget(&self, id: Uuid) {
+        if let Some((_, h)) = self.sessions.remove(&id) {
+            self.release(&h.shared);
+        }
     }
 
+    /// Takes a child slot for session `id` if fewer than `max_children` are
+    /// alive or reserved: the limit is hard. When none is free, asks the
+    /// least recently used idle session to stop its child and, with `wait`,
+    /// puts `id` on the list of sessions woken ([`Command::Wake`]) when a
+    /// slot frees.
+    pub(super) fn reserve_child(&self, id: Uuid, wait: bool) -> bool {
+        let max = self.config.max_children;
+        let take = || {
+            self.live_children
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .is_ok()
+        };
+        if take() {
+            return true;
+        }
+        if wait {
+            let mut waiters = self.waiters.lock().expect("waiters poisoned");
+            if !waiters.contains(&id) {
+                waiters.push(id);
+            }
+        }
+        // A slot freed between the first try and joining the list woke
+        // nobody: try once more now that this session is on it.
+        if take() {
+            self.waiters
+                .lock()
+                .expect("waiters poisoned")
+                .retain(|w| *w != id);
+            return true;
+        }
+        self.make_room(id);
+        false
+    }
+
+    /// A session child is gone: its slot is free; every waiting session tries again.
     pub(super) fn child_stopped(&self) {
         self.live_children.fetch_sub(1, Ordering::SeqCst);
+        let waiters = std::mem::take(&mut *self.waiters.lock().expect("waiters poisoned"));
+        for id in waiters {
+            if let Some(h) = self.sessions.get(&id).map(|h| h.clone()) {
+                h.wake();
+            }
+        }
     }
 
-    /// Before session `starting` spawns a child: if `max_children` are live,
-    /// asks the least recently used idle session to stop its child.
+    /// A session's child became idle: if other sessions wait for a slot,
+    /// the least recently used idle child makes room.
+    pub(super) fn child_idle(&self) {
+        if !self.waiters.lock().expect("waiters poisoned").is_empty() {
+            self.make_room(Uuid::nil());
+        }
+    }
+
+    /// If `max_children` are live, asks the least recently used idle session
+    /// (other than `starting`) to stop its child.
     pub(super) fn make_room(&self, starting: Uuid) {
         if self.live_children() < self.config.max_children {
             return;
@@ -200,6 +280,7 @@ impl Registry {
         self.shutting_down.store(true, Ordering::SeqCst);
         let all = self.list();
         futures::future::join_all(all.iter().map(|h| h.close(CloseReason::Shutdown))).await;
+        // Keep the list: SSE streams below still drain; forget afterwards.
         for h in &all {
             self.forget(h.id());
         }
