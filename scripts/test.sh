@@ -7,8 +7,10 @@
 # 1. installs the pinned Claude Code CLI from the npm registry into
 #    tests/claude/node_modules (skipped when AGENTGATE_CLAUDE_BIN points to one);
 # 2. checks formatting and lints;
-# 3. runs every test: unit, HTTP, real processes (python3, sed, sh), and the
-#    real claude CLI against the suite's own mock of the Anthropic API;
+# 3. starts a throwaway PostgreSQL (Debian's, installed when missing) and
+#    runs every test: unit, HTTP, real processes (python3, sed, sh), the
+#    store on SQLite and PostgreSQL, and the real claude CLI against the
+#    suite's own mock of the Anthropic API;
 # 4. checks the API as a contract against the real binary
 #    (scripts/contract/run.sh: installs its pinned tools from PyPI, npm and
 #    Debian first): openapi.yaml validated, schemathesis, the generated
@@ -36,6 +38,13 @@ cargo fmt --check
 
 step "cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
+
+step "a throwaway PostgreSQL for the store tests (scripts/pg-throwaway.sh)"
+pg_out="$(bash scripts/pg-throwaway.sh start)"
+pg_dir="$(head -n 1 <<<"$pg_out")"
+trap 'bash scripts/pg-throwaway.sh stop "$pg_dir"' EXIT
+AGENTGATE_TEST_POSTGRES="$(tail -n 1 <<<"$pg_out")"
+export AGENTGATE_TEST_POSTGRES
 
 step "cargo test"
 cargo test --locked --all-targets

@@ -10,6 +10,7 @@
 //! - [`process`] — spawning children in their own process group, reading their pipes, stopping them.
 //! - [`protocol`] — pure adapters: how input is framed and how output becomes text, events and the end of a reply (`lines`, `claude-stream-json`).
 //! - [`session`] — the registry of handles, the task that owns each child, the event log with replay, the reaper.
+//! - [`store`] — where sessions, messages and event logs outlive the process (SQLite, PostgreSQL, or memory).
 //! - [`oneshot`] — one process per request.
 //! - [`http`] — warp routes, handlers, SSE, problem+json, and the guard in front of them (token, Host and Origin allowlists, CORS).
 //! - [`demo`] — the built-in demo agent (`agentgate demo-agent`).
@@ -25,6 +26,7 @@ pub mod oneshot;
 pub mod process;
 pub mod protocol;
 pub mod session;
+pub mod store;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,0 +1,537 @@
+//! The session store: where sessions, messages and event logs outlive the
+//! process.
+//!
+//! One module owns every query; the session task asks it for what it needs
+//! and never builds SQL itself. SQLite (the default, a file under
+//! `--data-dir`) and PostgreSQL go through one code path: sqlx's `Any`
+//! driver with portable SQL (TEXT and BIGINT columns, JSON kept as TEXT) and
+//! the migrations in `migrations/`, embedded in the binary and run at
+//! start-up. `memory` keeps nothing (throwaway use, tests).
+//!
+//! What differs between the two engines lives here and says why: SQLite
+//! gets WAL and a busy timeout per connection, its file is created 0600 in a
+//! 0700 directory, and a lock file keeps a second gateway off the same file
+//! (two writers would interleave event ids).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::model::Message;
+
+/// Where sessions are kept (`--store`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// Nothing survives a restart.
+    Memory,
+    /// A SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database (`postgres://…`), shared by several gateways.
+    Postgres(String),
+}
+
+impl FromStr for StoreSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<StoreSpec, String> {
+        if s == "memory" {
+            Ok(StoreSpec::Memory)
+        } else if let Some(path) = s.strip_prefix("sqlite:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err(
+                    "sqlite: needs a file path (sqlite:/var/lib/agentgate/agentgate.db)".into(),
+                );
+            }
+            Ok(StoreSpec::Sqlite(PathBuf::from(path)))
+        } else if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Ok(StoreSpec::Postgres(s.to_string()))
+        } else {
+            Err(format!(
+                "unknown store {s:?}: use sqlite:PATH, postgres://… or memory"
+            ))
+        }
+    }
+}
+
+impl std::fmt::Display for StoreSpec {
+    /// For logs: a PostgreSQL URL is shown without its password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreSpec::Memory => f.write_str("memory"),
+            StoreSpec::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
+            StoreSpec::Postgres(url) => {
+                let shown = match (url.find("://"), url.rfind('@')) {
+                    (Some(scheme), Some(at)) if at > scheme => {
+                        let creds = &url[scheme + 3..at];
+                        let user = creds.split(':').next().unwrap_or("");
+                        format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+                    }
+                    _ => url.clone(),
+                };
+                f.write_str(&shown)
+            }
+        }
+    }
+}
+
+/// A store that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// It cannot be opened at start-up (unreadable, newer schema, locked):
+    /// the gateway stops with this one line.
+    #[error("store {store}: {detail}")]
+    Open {
+        /// The store, as shown in logs.
+        store: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A query failed (disk full, file removed, database down).
+    #[error("the session store failed: {0}")]
+    Query(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> StoreError {
+        StoreError::Query(e.to_string())
+    }
+}
+
+/// What the store keeps of a session besides its messages and events.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SessionRecord {
+    /// Session id.
+    pub id: Uuid,
+    /// Profile name.
+    pub agent: String,
+    /// Creation time.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Last activity.
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_activity_at: OffsetDateTime,
+    /// Title given at creation.
+    pub title: Option<String>,
+    /// Metadata given at creation.
+    pub metadata: Option<serde_json::Value>,
+    /// Working directory of its children.
+    pub cwd: Option<String>,
+    /// The agent's own conversation id (claude: `--resume`).
+    pub agent_session_id: Option<String>,
+    /// Why it was closed, once it is.
+    pub closed: Option<String>,
+}
+
+/// One stored event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRecord {
+    /// Its id in the session's log.
+    pub seq: u64,
+    /// Event name (`message.delta`, …).
+    pub name: String,
+    /// The message it belongs to.
+    pub message_id: Option<Uuid>,
+    /// Its `data:` JSON, as sent.
+    pub data: String,
+}
+
+/// A child recorded as live, for the clean-up after a killed gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildRecord {
+    /// Its session.
+    pub session_id: Uuid,
+    /// Its pid (also its process group id).
+    pub pid: u32,
+    /// Its start time in clock ticks since boot (`/proc/PID/stat` field 22),
+    /// so a reused pid is never taken for it.
+    pub start_time: u64,
+}
+
+/// The migrations in `migrations/`, embedded in the binary.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// An open store.
+#[derive(Debug)]
+pub struct Store {
+    pool: Option<AnyPool>,
+    spec: StoreSpec,
+    /// Held while the gateway runs: a second gateway on the same SQLite file
+    /// fails to take it.
+    _lock: Option<nix::fcntl::Flock<File>>,
+}
+
+impl Store {
+    /// A store that keeps nothing.
+    pub fn memory() -> Store {
+        Store {
+            pool: None,
+            spec: StoreSpec::Memory,
+            _lock: None,
+        }
+    }
+
+    /// Opens `spec`, creating a SQLite file (0600, in a 0700 directory) on
+    /// first use, and runs the migrations.
+    pub async fn open(spec: &StoreSpec) -> Result<Store, StoreError> {
+        let fail = |detail: String| StoreError::Open {
+            store: spec.to_string(),
+            detail,
+        };
+        sqlx::any::install_default_drivers();
+        let (url, lock, sqlite) = match spec {
+            StoreSpec::Memory => return Ok(Store::memory()),
+            StoreSpec::Sqlite(path) => {
+                let lock = prepare_sqlite(path).map_err(fail)?;
+                (format!("sqlite://{}", path.display()), Some(lock), true)
+            }
+            StoreSpec::Postgres(url) => (url.clone(), None, false),
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if sqlite { 4 } else { 8 })
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if sqlite {
+                        // WAL: readers never block the writer; a crash of the
+                        // process loses nothing that was committed.
+                        sqlx::query("PRAGMA journal_mode = WAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA synchronous = NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA busy_timeout = 5000")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await
+            .map_err(|e| fail(format!("cannot open: {e}")))?;
+        MIGRATOR.run(&pool).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::VersionMissing(v) => fail(format!(
+                "its schema (migration {v}) is newer than this agentgate knows; run a newer agentgate or another store"
+            )),
+            other => fail(format!("cannot migrate: {other}")),
+        })?;
+        Ok(Store {
+            pool: Some(pool),
+            spec: spec.clone(),
+            _lock: lock,
+        })
+    }
+
+    /// Which store this is, for logs (no password).
+    pub fn describe(&self) -> String {
+        self.spec.to_string()
+    }
+
+    /// Whether anything survives a restart.
+    pub fn is_durable(&self) -> bool {
+        self.pool.is_some()
+    }
+
+    /// Checks that the store answers (for `/healthz`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        if let Some(pool) = &self.pool {
+            sqlx::query("SELECT 1").execute(pool).await?;
+        }
+        Ok(())
+    }
+
+    /// Creates or updates a session's record.
+    pub async fn save_session(&self, s: &SessionRecord) -> Result<(), StoreError> {
+        let Some(pool) = &self.pool else {
+            return Ok(());
+        };
+        let body = serde_json::to_string(s).map_err(|e| StoreError::Query(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO sessions (id, body) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+        )
+        .bind(s.id.to_string())
+        .bind(body)
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Raises the highest event id session `id` may hand out to `ceiling`
+    /// (never lowers it).
+    pub async fn reserve_events(&self, id: Uuid, ceiling: u64) -> Result<(), StoreError> {
+        let Some(pool) = &self.pool else {
+            return Ok(());
+        };
+        sqlx::query("UPDATE sessions SET seq_ceiling = $1 WHERE id = $2 AND seq_ceiling < $1")
+            .bind(ceiling as i64)
+            .bind(id.to_string())
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Creates or updates message `m`, the `ord`-th of its session.
+    pub async fn save_message(&self, ord: u64, m: &Message) -> Result<(), StoreError> {
+        let Some(pool) = &self.pool else {
+            return Ok(());
+        };
+        let body = serde_json::to_string(m).map_err(|e| StoreError::Query(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO messages (session_id, ord, id, body) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (session_id, ord) DO UPDATE SET body = excluded.body",
+        )
+        .bind(m.session_id.to_string())
+        .bind(ord as i64)
+        .bind(m.id.to_string())
+        .bind(body)
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Appends events to session `id`'s log, in one transaction.
+    pub async fn append_events(&self, id: Uuid, events: &[EventRecord]) -> Result<(), StoreError> {
+        let Some(pool) = &self.pool else {
+            return Ok(());
+        };
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut tx = pool.begin().await?;
+        for e in events {
+            sqlx::query(
+                "INSERT INTO events (session_id, seq, name, message_id, data) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (session_id, seq) DO NOTHING",
+            )
+            .bind(id.to_string())
+            .bind(e.seq as i64)
+            .bind(&e.name)
+            .bind(e.message_id.map(|m| m.to_string()))
+            .bind(&e.data)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Drops session `id`'s events with ids below `first_kept` (the replay limits).
+    pub async fn prune_events(&self, id: Uuid, first_kept: u64) -> Result<(), StoreError> {
+        let Some(pool) = &self.pool else {
+            return Ok(());
+        };
+        sqlx::query("DELETE FROM events WHERE session_id = $1 AND seq < $2")
+            .bind(id.to_string())
+            .bind(first_kept as i64)
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets session `id`: its record, messages, events and child.
+    pub async fn delete_session(&self, id: Uuid) -> Result<(), StoreError> {
+        let Some(pool) = &self.pool else {
+            return Ok(());
+        };
+        let mut tx = pool.begin().await?;
+        for table in ["events", "messages", "children"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE session_id = $1"))
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("DELETE FROM sessions WHERE id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every stored session with its event-id ceiling, oldest first.
+    pub async fn load_sessions(&self) -> Result<Vec<(SessionRecord, u64)>, StoreError> {
+        let Some(pool) = &self.pool else {
+            return Ok(vec![]);
+        };
+        let rows = sqlx::query("SELECT body, seq_ceiling FROM sessions")
+            .fetch_all(pool)
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let body: String = row.try_get(0)?;
+            let ceiling: i64 = row.try_get(1)?;
+            match serde_json::from_str::<SessionRecord>(&body) {
+                Ok(s) => out.push((s, ceiling.max(0) as u64)),
+                Err(e) => tracing::error!(error = %e, "a stored session cannot be read; skipped"),
+            }
+        }
+        out.sort_by_key(|(s, _)| s.created_at);
+        Ok(out)
+    }
+
+    /// Session `id`'s messages, oldest first.
+    pub async fn load_messages(&self, id: Uuid) -> Result<Vec<Message>, StoreError> {
+        let Some(pool) = &self.pool else {
+            return Ok(vec![]);
+        };
+        let rows = sqlx::query("SELECT body FROM messages WHERE session_id = $1 ORDER BY ord")
+            .bind(id.to_string())
+            .fetch_all(pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let body: String = row.try_get(0)?;
+                serde_json::from_str(&body).map_err(|e| StoreError::Query(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// Session `id`'s stored events, oldest first.
+    pub async fn load_events(&self, id: Uuid) -> Result<Vec<EventRecord>, StoreError> {
+        let Some(pool) = &self.pool else {
+            return Ok(vec![]);
+        };
+        let rows = sqlx::query(
+            "SELECT seq, name, message_id, data FROM events WHERE session_id = $1 ORDER BY seq",
+        )
+        .bind(id.to_string())
+        .fetch_all(pool)
+        .await?;
+        rows.iter().map(event_of).collect()
+    }
+
+    /// Records session `id`'s live child.
+    pub async fn save_child(&self, c: &ChildRecord) -> Result<(), StoreError> {
+        let Some(pool) = &self.pool else {
+            return Ok(());
+        };
+        sqlx::query(
+            "INSERT INTO children (session_id, pid, start_time) VALUES ($1, $2, $3) \
+             ON CONFLICT (session_id) DO UPDATE SET pid = excluded.pid, start_time = excluded.start_time",
+        )
+        .bind(c.session_id.to_string())
+        .bind(c.pid as i64)
+        .bind(c.start_time as i64)
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Session `id` has no live child any more.
+    pub async fn forget_child(&self, id: Uuid) -> Result<(), StoreError> {
+        let Some(pool) = &self.pool else {
+            return Ok(());
+        };
+        sqlx::query("DELETE FROM children WHERE session_id = $1")
+            .bind(id.to_string())
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Every child recorded as live.
+    pub async fn load_children(&self) -> Result<Vec<ChildRecord>, StoreError> {
+        let Some(pool) = &self.pool else {
+            return Ok(vec![]);
+        };
+        let rows = sqlx::query("SELECT session_id, pid, start_time FROM children")
+            .fetch_all(pool)
+            .await?;
+        let mut out = Vec::new();
+        for row in rows {
+            let id: String = row.try_get(0)?;
+            let pid: i64 = row.try_get(1)?;
+            let start: i64 = row.try_get(2)?;
+            if let Ok(session_id) = Uuid::parse_str(&id) {
+                out.push(ChildRecord {
+                    session_id,
+                    pid: pid as u32,
+                    start_time: start as u64,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn event_of(row: &AnyRow) -> Result<EventRecord, StoreError> {
+    let seq: i64 = row.try_get(0)?;
+    let message_id: Option<String> = row.try_get(2)?;
+    Ok(EventRecord {
+        seq: seq as u64,
+        name: row.try_get(1)?,
+        message_id: message_id.and_then(|m| Uuid::parse_str(&m).ok()),
+        data: row.try_get(3)?,
+    })
+}
+
+/// Creates the SQLite file's directory (0700) and the file (0600) if
+/// missing, and takes the lock file beside it. sqlx would create the file
+/// with the process umask; conversation text must not be world-readable.
+fn prepare_sqlite(path: &Path) -> Result<nix::fcntl::Flock<File>, String> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+    }
+    let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
+    // flock: released by the kernel when the process dies, even by SIGKILL.
+    let lock = match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            return Err(format!(
+                "another agentgate is using it (lock {} held); give each gateway its own --data-dir or use postgres://",
+                lock_path.display()
+            ))
+        }
+        Err((_, e)) => return Err(format!("cannot lock {}: {e}", lock_path.display())),
+    };
+    if !path.exists() {
+        std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    }
+    Ok(lock)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_specs_parse_and_hide_passwords() {
+        assert_eq!("memory".parse::<StoreSpec>().unwrap(), StoreSpec::Memory);
+        assert_eq!(
+            "sqlite:/tmp/a.db".parse::<StoreSpec>().unwrap(),
+            StoreSpec::Sqlite("/tmp/a.db".into())
+        );
+        let pg: StoreSpec = "postgres://ag:s3cret@127.0.0.1:5432/ag".parse().unwrap();
+        assert_eq!(pg.to_string(), "postgres://ag:***@127.0.0.1:5432/ag");
+        assert!("mysql://x".parse::<StoreSpec>().is_err());
+        assert!("sqlite:".parse::<StoreSpec>().is_err());
+    }
+}
