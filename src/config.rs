@@ -56,6 +56,17 @@ pub struct Cli {
     /// Most `POST /oneshot` runs at once (503 beyond).
     #[arg(long, env = "AGENTGATE_MAX_ONESHOT", default_value_t = 16)]
     pub max_oneshot: usize,
+    /// Most open client connections; beyond it a connection gets 503 (and
+    /// `GET /healthz`) and is closed. Default: half the open-file limit, at most 4096.
+    #[arg(long, env = "AGENTGATE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// A client must send a request's headers within this long of connecting or of
+    /// the previous response; idle keep-alive connections close after it too.
+    #[arg(long, env = "AGENTGATE_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// Most open event streams at once, all credentials together (429 beyond).
+    #[arg(long, env = "AGENTGATE_MAX_EVENT_STREAMS", default_value_t = 256)]
+    pub max_event_streams: usize,
     /// Largest request body in bytes (413 beyond).
     #[arg(long, env = "AGENTGATE_MAX_BODY", default_value_t = 1 << 20)]
     pub max_body: u64,
@@ -335,6 +346,12 @@ pub struct Config {
     pub max_queue: usize,
     /// See [`Cli::max_oneshot`].
     pub max_oneshot: usize,
+    /// See [`Cli::max_connections`]; resolved against the open-file limit.
+    pub max_connections: usize,
+    /// See [`Cli::header_timeout`].
+    pub header_timeout: Duration,
+    /// See [`Cli::max_event_streams`].
+    pub max_event_streams: usize,
     /// See [`Cli::max_body`].
     pub max_body: u64,
     /// See [`Cli::max_output`].
@@ -351,6 +368,17 @@ pub struct Config {
     pub insecure: bool,
     /// Interval of SSE heartbeat comments.
     pub heartbeat: Duration,
+}
+
+/// Half the soft open-file limit, between 16 and 4096: the other half is
+/// left for children's pipes, the listener and files, so a flood of
+/// connections cannot starve `accept` or a spawn of descriptors.
+fn default_max_connections() -> usize {
+    use nix::sys::resource::{getrlimit, Resource};
+    let soft = getrlimit(Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    usize::try_from(soft / 2).unwrap_or(4096).clamp(16, 4096)
 }
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -403,6 +431,12 @@ impl Config {
             max_children: cli.max_children.max(1),
             max_queue: cli.max_queue,
             max_oneshot: cli.max_oneshot.max(1),
+            max_connections: cli
+                .max_connections
+                .unwrap_or_else(default_max_connections)
+                .max(1),
+            header_timeout: cli.header_timeout.max(Duration::from_millis(100)),
+            max_event_streams: cli.max_event_streams.max(1),
             max_body: cli.max_body,
             max_output: cli.max_output,
             replay_events: cli.replay_events.max(1),

@@ -35,16 +35,23 @@ pub struct AppState {
     /// One permit per `POST /oneshot` run (`--max-oneshot`): one-shot
     /// children are not session children, so `--max-children` cannot bound them.
     pub oneshots: Arc<tokio::sync::Semaphore>,
+    /// One permit per open event stream (`--max-event-streams`): each holds a
+    /// connection and a subscriber slot for as long as the client likes.
+    pub event_streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
     /// The state for `registry`, its limits taken from the registry's configuration.
     pub fn new(registry: Arc<Registry>, shutdown: tokio_util::sync::CancellationToken) -> AppState {
         let oneshots = Arc::new(tokio::sync::Semaphore::new(registry.config.max_oneshot));
+        let event_streams = Arc::new(tokio::sync::Semaphore::new(
+            registry.config.max_event_streams,
+        ));
         AppState {
             registry,
             shutdown,
             oneshots,
+            event_streams,
         }
     }
 }

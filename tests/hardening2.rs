@@ -1,0 +1,449 @@
+//! Hardening, round two: connection limits and timeouts, the security
+//! review's findings, and claims the audit found untested.
+//!
+//! Every test runs the real binary through [`Binary`], whose environment
+//! holds no `AGENTGATE_*` variable the test did not set, and which is killed
+//! when the test ends, passed or not. Every wait is bounded.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{agentgate_bin, assert_problem, eventually, PROFILES};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const T: Duration = Duration::from_secs(20);
+
+/// The real binary on 127.0.0.1:0 with [`PROFILES`]; stderr goes to a file.
+struct Binary {
+    child: std::process::Child,
+    addr: String,
+    dir: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+/// How [`Binary::start`] runs the binary.
+#[derive(Default)]
+struct Opts<'a> {
+    args: &'a [&'a str],
+    env: &'a [(&'a str, &'a str)],
+    /// Extra profile TOML after [`PROFILES`].
+    profiles: &'a str,
+    /// Run it through this wrapper argv (e.g. `setpriv …`).
+    wrapper: &'a [&'a str],
+}
+
+/// A command for the binary with a sealed environment: nothing named
+/// `AGENTGATE_*` leaks from the runner (e.g. `AGENTGATE_TOKEN`, a claude
+/// binary), and `HOME` is a temporary directory.
+fn sealed(cmd: &mut Command, home: &Path) {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("AGENTGATE_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("HOME", home);
+}
+
+impl Binary {
+    fn start(opts: Opts) -> Binary {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("agents.toml");
+        std::fs::write(&config, format!("{PROFILES}\n{}", opts.profiles)).unwrap();
+        let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+        let mut cmd = match opts.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(agentgate_bin());
+                c
+            }
+            None => Command::new(agentgate_bin()),
+        };
+        sealed(&mut cmd, dir.path());
+        cmd.args(["--listen", "127.0.0.1:0", "--config"])
+            .arg(&config)
+            .args(opts.args)
+            .envs(opts.env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        // The first line names the address; read it on a thread so a binary
+        // that never prints fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = lines.read_line(&mut line);
+            let _ = tx.send(line);
+            // Keep reading so the binary never blocks on a full pipe.
+            let _ = std::io::copy(&mut lines, &mut std::io::sink());
+        });
+        let mut bin = Binary {
+            child,
+            addr: String::new(),
+            dir,
+            http: reqwest::Client::builder().timeout(T).build().unwrap(),
+        };
+        let line = rx.recv_timeout(T).unwrap_or_default();
+        bin.addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no address printed; stderr: {}", bin.log()))
+            .to_string();
+        bin
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).send().await.unwrap()
+    }
+
+    async fn create(&self, agent: &str) -> String {
+        let res = self
+            .http
+            .post(self.url("/sessions"))
+            .json(&json!({"agent": agent}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201);
+        let v: Value = res.json().await.unwrap();
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit; returns what it logged.
+    async fn stop(mut self) -> String {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let mut done = false;
+        eventually(T, || {
+            done = done || self.child.try_wait().unwrap().is_some();
+            let d = done;
+            async move { d }
+        })
+        .await;
+        self.log()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        // A test that panicked leaves no gateway behind.
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Sends raw bytes on a fresh connection and reads the answer until the
+/// gateway closes the connection (bounded).
+async fn raw(addr: &str, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut out))
+        .await
+        .expect("the gateway answers and closes within 20 s");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Status code of a raw HTTP answer.
+fn status_of(answer: &str) -> u16 {
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"))
+}
+
+/// Reads from `s` until the peer closes it (EOF or reset); false if it is
+/// still open after `limit`.
+async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    let read_all = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, read_all).await.is_ok()
+}
+
+// ------------------------------------------------------ connections
+
+/// With `--max-connections 4` and four idle connections open, a fifth gets
+/// 503 problem+json, a health check still gets 200, and once the idle
+/// connections go, requests are served again.
+#[tokio::test]
+async fn connections_past_the_limit_get_503_but_health_checks_pass() {
+    let gw = Binary::start(Opts {
+        args: &["--max-connections", "4", "--header-timeout", "60s"],
+        ..Opts::default()
+    });
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(TcpStream::connect(&gw.addr).await.unwrap());
+    }
+    // The backlog is accepted in order: the four idle ones hold every place.
+    let answer = raw(
+        &gw.addr,
+        b"GET /agents HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&answer), 503, "{answer}");
+    assert!(answer.contains("application/problem+json"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1"),
+        "{answer}"
+    );
+    let health = raw(
+        &gw.addr,
+        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&health), 200, "{health}");
+    drop(idle);
+    eventually(T, || async { gw.get("/agents").await.status() == 200 }).await;
+    gw.stop().await;
+}
+
+/// A client that sends its headers a line every 200 ms, one that sends
+/// nothing, and an idle keep-alive connection are all closed once
+/// `--header-timeout` (1 s) passes; a real request is still served.
+#[tokio::test]
+async fn slow_silent_and_idle_clients_are_cut_off_by_the_header_timeout() {
+    let gw = Binary::start(Opts {
+        args: &["--header-timeout", "1s"],
+        ..Opts::default()
+    });
+    let slow = TcpStream::connect(&gw.addr).await.unwrap();
+    let (mut rd, mut wr) = slow.into_split();
+    let trickle = tokio::spawn(async move {
+        if wr.write_all(b"GET /agents HTTP/1.1\r\n").await.is_err() {
+            return;
+        }
+        for i in 0..200 {
+            let line = format!("X-Slow-{i}: x\r\n");
+            if wr.write_all(line.as_bytes()).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let mut silent = TcpStream::connect(&gw.addr).await.unwrap();
+    let mut keepalive = TcpStream::connect(&gw.addr).await.unwrap();
+    keepalive
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    keepalive.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+
+    let mut buf = [0u8; 4096];
+    let slow_closed = tokio::time::timeout(T, async {
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok();
+    assert!(slow_closed, "a client trickling headers stayed connected");
+    assert!(
+        closed_within(&mut silent, T).await,
+        "a silent client stayed connected"
+    );
+    assert!(
+        closed_within(&mut keepalive, T).await,
+        "an idle keep-alive connection stayed open"
+    );
+    trickle.abort();
+    assert_eq!(gw.get("/agents").await.status(), 200);
+    gw.stop().await;
+}
+
+/// An open event stream is not cut by the header timeout: it has sent its
+/// headers, and the timeout only runs while a request is awaited.
+#[tokio::test]
+async fn an_event_stream_outlives_the_header_timeout() {
+    let gw = Binary::start(Opts {
+        args: &["--header-timeout", "1s"],
+        ..Opts::default()
+    });
+    let id = gw.create("sed").await;
+    let res = gw.get(&format!("/sessions/{id}/events")).await;
+    assert_eq!(res.status(), 200);
+    let mut body = res.bytes_stream();
+    // Well past the header timeout, a message's events still arrive on it.
+    let stamp = std::time::Instant::now();
+    eventually(T, || async { stamp.elapsed() > Duration::from_secs(3) }).await;
+    let sent = gw
+        .http
+        .post(gw.url(&format!("/sessions/{id}/messages?wait=true")))
+        .json(&json!({"content": "still-there"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 200);
+    let mut seen = String::new();
+    let found = tokio::time::timeout(T, async {
+        use futures::StreamExt;
+        while let Some(Ok(chunk)) = body.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            if seen.contains("still-there") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    assert!(found, "the event stream ended early: {seen}");
+    gw.stop().await;
+}
+
+/// `--max-event-streams 2`: a third open stream is 429 problem+json, and a
+/// place frees when a client leaves.
+#[tokio::test]
+async fn event_streams_past_the_cap_are_429() {
+    let gw = Binary::start(Opts {
+        args: &["--max-event-streams", "2"],
+        ..Opts::default()
+    });
+    let id = gw.create("sed").await;
+    let path = format!("/sessions/{id}/events");
+    let a = gw.get(&path).await;
+    let b = gw.get(&path).await;
+    assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
+    let third = gw.get(&path).await;
+    let problem = assert_problem(third, 429).await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("--max-event-streams"),
+        "{problem}"
+    );
+    drop(a);
+    eventually(T, || async { gw.get(&path).await.status() == 200 }).await;
+    drop(b);
+    gw.stop().await;
+}
+
+/// Clients that leave mid-request or mid-stream are logged at debug, never
+/// at ERROR.
+#[tokio::test]
+async fn clients_that_leave_are_not_errors() {
+    let gw = Binary::start(Opts {
+        env: &[("AGENTGATE_LOG", "info,agentgate=debug,hyper=warn")],
+        ..Opts::default()
+    });
+    for _ in 0..3 {
+        // Half a request, then gone.
+        let mut s = TcpStream::connect(&gw.addr).await.unwrap();
+        s.write_all(b"GET /agents HTTP/1.1\r\nHost: loc")
+            .await
+            .unwrap();
+        drop(s);
+    }
+    // A body promised and never sent: 400, and the connection closes.
+    let mut s = TcpStream::connect(&gw.addr).await.unwrap();
+    s.write_all(
+        b"POST /sessions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    drop(s);
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let log = gw.log();
+        let ended = log.matches("connection ended").count()
+            + log.matches("server connection error").count();
+        if ended >= 3 && log.contains("status=400") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = gw.stop().await;
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+}
+
+// ------------------------------------------------------ one authority
+
+/// The Host allowlist also covers the request target: an absolute-form
+/// target naming another host, duplicate Host headers, and HTTP/1.1 without
+/// Host are 400; HTTP/2 without upgrade (h2c) is not spoken.
+#[tokio::test]
+async fn the_authority_comes_from_host_and_the_target_and_they_agree() {
+    let gw = Binary::start(Opts::default());
+    let cases: &[(&[u8], u16)] = &[
+        (
+            b"GET http://evil.example/agents HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            400,
+        ),
+        (
+            b"GET /agents HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+            400,
+        ),
+        (b"GET /agents HTTP/1.1\r\nConnection: close\r\n\r\n", 400),
+        // HTTP/1.0 may omit Host, but an absolute target is then the authority the allowlist checks.
+        (b"GET http://evil.example/agents HTTP/1.0\r\n\r\n", 403),
+        (
+            b"GET http://localhost/agents HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            200,
+        ),
+    ];
+    for (request, want) in cases {
+        let answer = raw(&gw.addr, request).await;
+        assert_eq!(
+            status_of(&answer),
+            *want,
+            "{}\n{answer}",
+            String::from_utf8_lossy(request)
+        );
+        if *want >= 400 {
+            assert!(answer.contains("application/problem+json"), "{answer}");
+        }
+    }
+    // h2c with prior knowledge: the HTTP/2 preface is not a request this gateway serves.
+    let answer = raw(
+        &gw.addr,
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+    )
+    .await;
+    assert!(
+        !answer.starts_with("HTTP/2") && !answer.contains("\x00\x00"),
+        "{answer:?}"
+    );
+    assert!(answer.is_empty() || status_of(&answer) >= 400, "{answer:?}");
+    gw.stop().await;
+}
