@@ -79,7 +79,7 @@ pub struct Cli {
     /// Bytes of event data kept per session for replay.
     #[arg(long, env = "AGENTGATE_REPLAY_BYTES", default_value_t = 8 << 20)]
     pub replay_bytes: usize,
-    /// Origins allowed by CORS (repeatable; default none).
+    /// Origins allowed by CORS (repeatable; default none). `*` needs a token.
     #[arg(long, env = "AGENTGATE_ALLOW_ORIGIN", value_delimiter = ',')]
     pub allow_origin: Vec<String>,
     /// Extra Host header names allowed besides localhost names and loopback addresses (repeatable).
@@ -88,7 +88,8 @@ pub struct Cli {
     /// Log format.
     #[arg(long, env = "AGENTGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
-    /// Allow a non-loopback listen address without a token.
+    /// Allow a non-loopback listen address without a token (or with a short
+    /// one), and `--allow-origin '*'` without a token.
     #[arg(long, env = "AGENTGATE_INSECURE")]
     pub insecure: bool,
     /// Run every profile's messages through its one-shot command (`false` to force).

@@ -232,7 +232,7 @@ async fn the_token_guards_every_route_but_healthz() {
     assert_eq!(res.status(), 201);
     let id = id_of(&res.json().await.unwrap());
 
-    // The SSE routes take ?access_token= (EventSource cannot set headers) …
+    // The event stream takes ?access_token= (EventSource cannot set headers) …
     let events = format!("/sessions/{id}/events");
     let res = anon
         .get(gw.url(&format!("{events}?access_token=s3cret-token")))
@@ -242,10 +242,9 @@ async fn the_token_guards_every_route_but_healthz() {
     let stream = tokio::spawn(read_sse(res, T, |i| {
         i.event.as_deref() == Some("message.completed")
     }));
-    let res = anon
-        .post(gw.url(&format!(
-            "/sessions/{id}/messages?access_token=s3cret-token"
-        )))
+    // (Only the event stream takes it: the message goes with the header.)
+    let res = authed
+        .post(gw.url(&format!("/sessions/{id}/messages")))
         .header("accept", "text/event-stream")
         .json(&json!({"content": "via query"}))
         .send()
@@ -291,10 +290,8 @@ async fn tokens_never_reach_the_logs() {
     let stream = tokio::spawn(read_sse(res, T, |i| {
         i.event.as_deref() == Some("message.completed")
     }));
-    let res = anon
-        .post(bin.url(&format!(
-            "/sessions/{id}/messages?access_token={token}&wait=true"
-        )))
+    let res = authed
+        .post(bin.url(&format!("/sessions/{id}/messages?wait=true")))
         .json(&json!({"content": "hello"}))
         .send()
         .await

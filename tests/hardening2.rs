@@ -53,6 +53,12 @@ fn sealed(cmd: &mut Command, home: &Path) {
 impl Binary {
     fn start(opts: Opts) -> Binary {
         let dir = tempfile::tempdir().unwrap();
+        // Readable by an unprivileged gateway (see `Opts::wrapper`).
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         let config = dir.path().join("agents.toml");
         std::fs::write(&config, format!("{PROFILES}\n{}", opts.profiles)).unwrap();
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
@@ -85,11 +91,19 @@ impl Binary {
             // Keep reading so the binary never blocks on a full pipe.
             let _ = std::io::copy(&mut lines, &mut std::io::sink());
         });
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some((_, token)) = opts.env.iter().find(|(k, _)| *k == "AGENTGATE_TOKEN") {
+            headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
         let mut bin = Binary {
             child,
             addr: String::new(),
             dir,
-            http: reqwest::Client::builder().timeout(T).build().unwrap(),
+            http: reqwest::Client::builder()
+                .default_headers(headers)
+                .timeout(T)
+                .build()
+                .unwrap(),
         };
         let line = rx.recv_timeout(T).unwrap_or_default();
         bin.addr = line
@@ -118,16 +132,31 @@ impl Binary {
     }
 
     async fn create(&self, agent: &str) -> String {
-        let res = self
-            .http
-            .post(self.url("/sessions"))
-            .json(&json!({"agent": agent}))
-            .send()
-            .await
-            .unwrap();
+        let res = self.post("/sessions", json!({"agent": agent})).await;
         assert_eq!(res.status(), 201);
         let v: Value = res.json().await.unwrap();
         v["id"].as_str().unwrap().to_string()
+    }
+
+    async fn post(&self, path: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Sends `content` to session `id` and waits for the finished message.
+    async fn ask(&self, id: &str, content: &str) -> Value {
+        let res = self
+            .post(
+                &format!("/sessions/{id}/messages?wait=true"),
+                json!({"content": content}),
+            )
+            .await;
+        assert_eq!(res.status(), 200);
+        res.json().await.unwrap()
     }
 
     /// SIGTERM, then waits (bounded) for the exit; returns what it logged.
@@ -445,5 +474,338 @@ async fn the_authority_comes_from_host_and_the_target_and_they_agree() {
         "{answer:?}"
     );
     assert!(answer.is_empty() || status_of(&answer) >= 400, "{answer:?}");
+    gw.stop().await;
+}
+
+// ------------------------------------------------------ start-up refusals
+
+/// The exit code of the binary run with `args`, or `None` if it is still
+/// running after 20 s (then it is killed).
+fn exit_code(args: &[&str]) -> (Option<i32>, String) {
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(agentgate_bin());
+    sealed(&mut cmd, home.path());
+    let mut child = cmd
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            return (status.code(), err);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return (None, String::new());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `--allow-origin '*'` without a token, and a short token on a public
+/// address, stop start-up with exit 2 unless `--insecure`.
+#[test]
+fn unsafe_configurations_are_refused_at_start() {
+    let (code, err) = exit_code(&["--listen", "127.0.0.1:0", "--allow-origin", "*"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--allow-origin"), "{err}");
+    let (code, err) = exit_code(&["--listen", "0.0.0.0:0", "--token", "short-tok"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("16 bytes"), "{err}");
+}
+
+#[tokio::test]
+async fn insecure_overrides_the_refusals() {
+    let gw = Binary::start(Opts {
+        args: &["--allow-origin", "*", "--insecure"],
+        ..Opts::default()
+    });
+    assert_eq!(gw.get("/healthz").await.status(), 200);
+    gw.stop().await;
+    let gw = Binary::start(Opts {
+        args: &["--allow-origin", "*"],
+        env: &[("AGENTGATE_TOKEN", "a-long-enough-token-1234")],
+        ..Opts::default()
+    });
+    assert_eq!(gw.get("/agents").await.status(), 200);
+    gw.stop().await;
+}
+
+// ------------------------------------------------------ the gateway's secrets
+
+/// A child of a session runs as the gateway's user, yet cannot read the
+/// gateway's environment (its token, a cloud key): the gateway is not
+/// dumpable. As root, the gateway runs as `nobody` (setpriv) so that the
+/// check is the one an unprivileged deployment gets: root reads any
+/// process's environment whatever the flag.
+#[tokio::test]
+async fn a_child_cannot_read_the_gateway_environment() {
+    const PEEK: &str = r##"
+[agents.peek]
+command = ["python3", "-u", "-c", '''
+import os, sys
+for line in sys.stdin:
+    try:
+        with open("/proc/%d/environ" % os.getppid(), "rb") as f:
+            data = f.read()
+        print("read", len(data), "bytes; secret seen:", b"MARK-7f3a" in data)
+    except OSError as e:
+        print("denied", e.errno)
+    print("__END__")
+''']
+protocol = "lines"
+end_marker = "^__END__$"
+"##;
+    // /proc/self belongs to this process's effective user.
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
+    let wrapper: &[&str] = if root {
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+        ]
+    } else {
+        &[]
+    };
+    let gw = Binary::start(Opts {
+        env: &[
+            ("AGENTGATE_TOKEN", "token-MARK-7f3a-0123456789"),
+            ("AWS_SECRET_ACCESS_KEY", "MARK-7f3a"),
+        ],
+        profiles: PEEK,
+        wrapper,
+        ..Opts::default()
+    });
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.pid())).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        !uid_line.split_whitespace().skip(1).any(|f| f == "0"),
+        "the gateway runs as root: {uid_line}"
+    );
+    let id = gw.create("peek").await;
+    let answer = gw.ask(&id, "peek").await;
+    let output = answer["output"].as_str().unwrap();
+    assert!(output.starts_with("denied"), "{answer}");
+    gw.stop().await;
+}
+
+// ------------------------------------------------------ browsers
+
+/// The console cannot be framed, and its type cannot be sniffed.
+#[tokio::test]
+async fn the_console_refuses_to_be_framed() {
+    let gw = Binary::start(Opts::default());
+    let res = gw.get("/").await;
+    assert_eq!(res.status(), 200);
+    let h = res.headers();
+    assert_eq!(h["x-frame-options"], "DENY");
+    assert!(h["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("frame-ancestors 'none'"));
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    gw.stop().await;
+}
+
+/// CSRF: what a page on another site can send without a preflight starts
+/// nothing — a POST without JSON content type (even with an empty body), a
+/// POST that a browser marks cross-site but sends without Origin, and an
+/// origin that differs from the gateway's only in scheme or port.
+#[tokio::test]
+async fn cross_site_posts_start_nothing() {
+    let gw = Binary::start(Opts::default());
+    let url = gw.url("/sessions");
+    let plain = gw
+        .http
+        .post(&url)
+        .header("content-type", "text/plain")
+        .body(r#"{"agent":"sed"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(plain, 415).await;
+    let empty = gw.http.post(&url).send().await.unwrap();
+    assert_problem(empty, 415).await;
+    let no_origin = gw
+        .http
+        .post(&url)
+        .header("sec-fetch-site", "cross-site")
+        .json(&json!({"agent": "sed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(no_origin, 403).await;
+    let port: u16 = gw.addr.rsplit(':').next().unwrap().parse().unwrap();
+    for origin in [
+        format!("https://{}", gw.addr),
+        format!("http://127.0.0.1:{}", port.wrapping_add(1)),
+        "null".to_string(),
+    ] {
+        let res = gw
+            .http
+            .post(&url)
+            .header("origin", &origin)
+            .json(&json!({"agent": "sed"}))
+            .send()
+            .await
+            .unwrap();
+        assert_problem(res, 403).await;
+    }
+    let list: Value = gw.get("/sessions").await.json().await.unwrap();
+    assert_eq!(list["sessions"].as_array().unwrap().len(), 0, "{list}");
+    // The gateway's own page, same scheme, host and port, still works.
+    let own = gw
+        .http
+        .post(&url)
+        .header("origin", format!("http://{}", gw.addr))
+        .header("sec-fetch-site", "same-origin")
+        .json(&json!({"agent": "sed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 201);
+    gw.stop().await;
+}
+
+/// `?access_token=` opens the event stream and nothing else.
+#[tokio::test]
+async fn the_query_token_opens_only_the_event_stream() {
+    let token = "query-token-0123456789";
+    let gw = Binary::start(Opts {
+        env: &[("AGENTGATE_TOKEN", token)],
+        ..Opts::default()
+    });
+    let id = gw.create("sed").await;
+    let anon = reqwest::Client::builder().timeout(T).build().unwrap();
+    let events = anon
+        .get(gw.url(&format!("/sessions/{id}/events?access_token={token}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    drop(events);
+    let post = anon
+        .post(gw.url(&format!("/sessions/{id}/messages?access_token={token}")))
+        .json(&json!({"content": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(post, 401).await;
+    gw.stop().await;
+}
+
+// ------------------------------------------------------ cwd_roots
+
+const WHERE: &str = r#"
+[agents.where]
+command = ["sh", "-c", "while read l; do pwd; echo __END__; done"]
+protocol = "lines"
+end_marker = "^__END__$"
+stop_grace = "1s"
+"#;
+
+/// A session's `cwd` must lie under `cwd_roots`: `..`, a symlink out and an
+/// absolute path outside are refused, with the same answer whether the
+/// outside path exists or not; and a directory swapped for a symlink after
+/// the session was created does not move the next child outside.
+#[tokio::test]
+async fn cwd_roots_hold_at_every_spawn() {
+    let base = tempfile::tempdir().unwrap();
+    let root = base.path().join("root");
+    let outside = base.path().join("outside");
+    std::fs::create_dir_all(root.join("work")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("out-link")).unwrap();
+    let profiles = format!("{WHERE}cwd_roots = [{:?}]\n", root.display().to_string());
+    let gw = Binary::start(Opts {
+        profiles: &profiles,
+        ..Opts::default()
+    });
+    let refused = |cwd: String| {
+        let gw = &gw;
+        async move {
+            let res = gw
+                .post("/sessions", json!({"agent": "where", "cwd": cwd}))
+                .await;
+            let problem = assert_problem(res, 400).await;
+            let detail = problem["detail"].as_str().unwrap().to_string();
+            detail.replace(&cwd, "<cwd>")
+        }
+    };
+    let root_s = root.display().to_string();
+    let dotdot = refused(format!("{root_s}/work/../../outside")).await;
+    let link = refused(format!("{root_s}/out-link")).await;
+    let abs = refused(outside.display().to_string()).await;
+    let etc = refused("/etc".into()).await;
+    let missing = refused("/nonexistent-agentgate-dir".into()).await;
+    // No existence oracle: outside the roots, every answer reads the same.
+    for d in [&link, &abs, &etc, &missing] {
+        assert_eq!(d, &dotdot);
+    }
+    assert!(!dotdot.contains("No such file"), "{dotdot}");
+
+    let work = root.join("work");
+    let res = gw
+        .post(
+            "/sessions",
+            json!({"agent": "where", "cwd": work.display().to_string()}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let session: Value = res.json().await.unwrap();
+    let id = session["id"].as_str().unwrap().to_string();
+    let first = gw.ask(&id, "1").await;
+    assert_eq!(
+        first["output"].as_str().unwrap().trim(),
+        work.canonicalize().unwrap().display().to_string()
+    );
+    // Swap the directory for a symlink out, then make the child restart.
+    std::fs::rename(&work, root.join("work.old")).unwrap();
+    std::os::unix::fs::symlink(&outside, &work).unwrap();
+    let pid = {
+        let v: Value = gw
+            .get(&format!("/sessions/{id}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        v["pid"].as_u64().unwrap() as i32
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually(T, || async {
+        let v: Value = gw
+            .get(&format!("/sessions/{id}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        v["state"] == "suspended"
+    })
+    .await;
+    let res = gw
+        .post(
+            &format!("/sessions/{id}/messages?wait=true"),
+            json!({"content": "2"}),
+        )
+        .await;
+    let body: Value = res.json().await.unwrap();
+    let outside_s = outside.canonicalize().unwrap().display().to_string();
+    assert!(
+        !body.to_string().contains(&outside_s),
+        "a child ran outside the root: {body}"
+    );
+    assert_eq!(body["status"], "failed", "{body}");
+    assert_eq!(body["error"]["code"], "spawn_failed", "{body}");
     gw.stop().await;
 }

@@ -96,9 +96,21 @@ fn with_location(mut res: Response, location: String) -> Response {
     res
 }
 
-/// `GET /`
+/// `GET /`: the console. No other site may frame it, so none can trick a
+/// click on a permission's "Allow" (clickjacking).
 pub fn index() -> Response {
-    warp::reply::html(CONSOLE).into_response()
+    let mut res = warp::reply::html(CONSOLE).into_response();
+    let h = res.headers_mut();
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static("frame-ancestors 'none'"),
+    );
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    res
 }
 
 /// `GET /metrics`

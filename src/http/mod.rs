@@ -92,7 +92,10 @@ fn with_state(state: AppState) -> impl Filter<Extract = (AppState,), Error = Inf
     warp::any().map(move || state.clone())
 }
 
-/// The request body, read up to `limit` bytes (413 beyond).
+/// The request body, read up to `limit` bytes (413 beyond). It must be
+/// declared JSON (415 otherwise), even when empty: a cross-site form or
+/// `text/plain` POST needs no CORS preflight, so the content type is part of
+/// the CSRF defence.
 fn body(
     limit: u64,
 ) -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error = Rejection> + Clone {
@@ -104,23 +107,23 @@ fn body(
                 if len.is_some_and(|n| n > limit) {
                     return Err(ApiError::PayloadTooLarge(limit));
                 }
-                let bytes = collect(stream, limit).await?;
-                if !bytes.is_empty() {
-                    if let Some(ct) = ctype {
-                        let essence = ct
-                            .split(';')
-                            .next()
-                            .unwrap_or("")
-                            .trim()
-                            .to_ascii_lowercase();
-                        if essence != "application/json" && !essence.ends_with("+json") {
-                            return Err(ApiError::UnsupportedMediaType(format!(
-                                "Content-Type {ct:?} is not JSON; send application/json"
-                            )));
-                        }
-                    }
+                let Some(ct) = ctype else {
+                    return Err(ApiError::UnsupportedMediaType(
+                        "no Content-Type; send application/json".into(),
+                    ));
+                };
+                let essence = ct
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase();
+                if essence != "application/json" && !essence.ends_with("+json") {
+                    return Err(ApiError::UnsupportedMediaType(format!(
+                        "Content-Type {ct:?} is not JSON; send application/json"
+                    )));
                 }
-                Ok(bytes)
+                collect(stream, limit).await
             },
         )
 }
