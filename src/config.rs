@@ -388,9 +388,13 @@ impl Config {
     /// Resolves flags and the profile file. `self_exe` is the agentgate binary
     /// that runs the built-in `demo` agent.
     pub fn from_cli(cli: &Cli, self_exe: &Path) -> Result<Config, ConfigError> {
+        Config::resolve(cli, self_exe, find_claude())
+    }
+
+    fn resolve(cli: &Cli, self_exe: &Path, claude: Option<PathBuf>) -> Result<Config, ConfigError> {
         let mut profiles = BTreeMap::new();
         profiles.insert("demo".to_string(), Arc::new(demo_profile(self_exe)));
-        if let Some(claude) = find_claude() {
+        if let Some(claude) = claude {
             profiles.insert("claude".to_string(), Arc::new(claude_profile(&claude)));
         }
         let mut file_default = None;
@@ -449,10 +453,16 @@ impl Config {
         })
     }
 
-    /// A configuration with defaults and the built-in profiles only; for tests and embedding.
+    /// The defaults and the `demo` profile, for tests and embedding. Sealed
+    /// from the machine: no `AGENTGATE_*` variable is read and no `claude`
+    /// is looked for, so a test never starts a CLI it did not configure
+    /// (with its own `HOME` and model API) because the runner has one.
     pub fn defaults(self_exe: &Path) -> Config {
-        let cli = Cli::parse_from(["agentgate", "--listen", "127.0.0.1:0"]);
-        Config::from_cli(&cli, self_exe).expect("the built-in defaults are valid")
+        use clap::{CommandFactory, FromArgMatches};
+        let command = Cli::command().mut_args(|arg| arg.env(None));
+        let matches = command.get_matches_from(["agentgate", "--listen", "127.0.0.1:0"]);
+        let cli = Cli::from_arg_matches(&matches).expect("the built-in defaults parse");
+        Config::resolve(&cli, self_exe, None).expect("the built-in defaults are valid")
     }
 
     /// Adds (or replaces) profiles from TOML text; for tests and embedding.

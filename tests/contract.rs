@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -424,12 +424,11 @@ impl Binary {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("agents.toml");
         std::fs::write(&config, PROFILES).unwrap();
-        let mut child = Command::new(agentgate_bin())
+        let mut child = sealed_command(dir.path())
             .args(["--listen", "127.0.0.1:0", "--config"])
             .arg(&config)
             .args(args)
             .env("AGENTGATE_LOG", "info,agentgate=debug")
-            .env("AGENTGATE_CLAUDE_BIN", "/nonexistent/claude")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -9,7 +9,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -136,7 +136,7 @@ impl Binary {
         let config = dir.path().join("agents.toml");
         std::fs::write(&config, format!("{PROFILES}\n{FAULTY}")).unwrap();
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-        let mut child = Command::new(agentgate_bin())
+        let mut child = sealed_command(dir.path())
             .args(["--listen", "127.0.0.1:0", "--config"])
             .arg(&config)
             .args(args)

@@ -8,11 +8,10 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{agentgate_bin, assert_problem, eventually, PROFILES};
+use common::{agentgate_bin, assert_problem, eventually, sealed_command, PROFILES};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -38,18 +37,6 @@ struct Opts<'a> {
     wrapper: &'a [&'a str],
 }
 
-/// A command for the binary with a sealed environment: nothing named
-/// `AGENTGATE_*` leaks from the runner (e.g. `AGENTGATE_TOKEN`, a claude
-/// binary), and `HOME` is a temporary directory.
-fn sealed(cmd: &mut Command, home: &Path) {
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("AGENTGATE_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env("HOME", home);
-}
-
 impl Binary {
     fn start(opts: Opts) -> Binary {
         let dir = tempfile::tempdir().unwrap();
@@ -62,15 +49,22 @@ impl Binary {
         let config = dir.path().join("agents.toml");
         std::fs::write(&config, format!("{PROFILES}\n{}", opts.profiles)).unwrap();
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+        // The wrapper's argv goes in front of the sealed command's.
+        let sealed = sealed_command(dir.path());
         let mut cmd = match opts.wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
-                c.args(rest).arg(agentgate_bin());
+                c.args(rest).arg(sealed.get_program());
+                for (key, value) in sealed.get_envs() {
+                    match value {
+                        Some(v) => c.env(key, v),
+                        None => c.env_remove(key),
+                    };
+                }
                 c
             }
-            None => Command::new(agentgate_bin()),
+            None => sealed,
         };
-        sealed(&mut cmd, dir.path());
         cmd.args(["--listen", "127.0.0.1:0", "--config"])
             .arg(&config)
             .args(opts.args)
@@ -483,9 +477,7 @@ async fn the_authority_comes_from_host_and_the_target_and_they_agree() {
 /// running after 20 s (then it is killed).
 fn exit_code(args: &[&str]) -> (Option<i32>, String) {
     let home = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(agentgate_bin());
-    sealed(&mut cmd, home.path());
-    let mut child = cmd
+    let mut child = sealed_command(home.path())
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -808,4 +800,44 @@ async fn cwd_roots_hold_at_every_spawn() {
     assert_eq!(body["status"], "failed", "{body}");
     assert_eq!(body["error"]["code"], "spawn_failed", "{body}");
     gw.stop().await;
+}
+
+// ------------------------------------------------------ a sealed suite
+
+/// `Config::defaults`, what every in-process gateway of the suite starts
+/// from, reads nothing from the runner's environment: not a token, not a
+/// limit, and not a claude binary (which would make `claude` the default
+/// agent, run with the runner's HOME and no mock). Checked in a child run
+/// of this test binary with such an environment.
+#[test]
+fn config_defaults_ignore_the_runners_environment() {
+    if std::env::var_os("AGENTGATE_TEST_DEFAULTS_PROBE").is_some() {
+        let c = agentgate::Config::defaults(agentgate_bin());
+        assert!(c.token.is_none(), "the token came from the environment");
+        assert!(!c.profiles.contains_key("claude"), "a claude was picked up");
+        assert_eq!(c.default_agent, "demo");
+        assert_eq!(c.max_sessions, 256);
+        return;
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "config_defaults_ignore_the_runners_environment",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env("AGENTGATE_TEST_DEFAULTS_PROBE", "1")
+        .env("AGENTGATE_TOKEN", "from-the-runner-0123456789")
+        // An existing file: until sealed, it became the `claude` profile and the default agent.
+        .env("AGENTGATE_CLAUDE_BIN", agentgate_bin())
+        .env("AGENTGATE_MAX_SESSIONS", "3")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "{text}");
 }

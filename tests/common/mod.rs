@@ -19,6 +19,25 @@ pub fn agentgate_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_agentgate"))
 }
 
+/// A command for the real binary, sealed from the machine that runs the
+/// tests: no `AGENTGATE_*` variable of the runner reaches it (a token, a
+/// default agent, a claude binary), no `claude` on `PATH` becomes an agent,
+/// and `HOME` is `home`. Settings a test adds afterwards apply.
+pub fn sealed_command(home: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(agentgate_bin());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("AGENTGATE_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env(
+        "AGENTGATE_CLAUDE_BIN",
+        "/nonexistent/agentgate-tests/claude",
+    )
+    .env("HOME", home);
+    cmd
+}
+
 /// Profiles used across tests: python3 REPL, sed, a shell with a grandchild.
 pub const PROFILES: &str = r#"
 [agents.python]
