@@ -8,6 +8,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -65,7 +66,10 @@ impl Binary {
             }
             None => sealed,
         };
-        cmd.args(["--listen", "127.0.0.1:0", "--config"])
+        if !opts.args.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.arg("--config")
             .arg(&config)
             .args(opts.args)
             .envs(opts.env.iter().copied())
@@ -840,4 +844,334 @@ fn config_defaults_ignore_the_runners_environment() {
     );
     assert!(out.status.success(), "{text}");
     assert!(text.contains("1 passed"), "{text}");
+}
+
+// ------------------------------------------------------ claims the audit found untested
+
+const PROBES: &str = r#"
+[agents.envdump]
+command = ["sh", "-c", "while read l; do env; echo __END__; done"]
+protocol = "lines"
+end_marker = "^__END__$"
+pass_env = ["PASSED_ONE", "PASSED_GROUP_*"]
+stop_grace = "1s"
+
+[agents.both]
+command = ["sh", "-c", "while read l; do echo to-out; echo to-err >&2; echo __END__; done"]
+protocol = "lines"
+end_marker = "^__END__$"
+merge_stderr = true
+stop_grace = "1s"
+
+[agents.split]
+command = ["sh", "-c", "while read l; do echo to-out; echo to-err >&2; echo __END__; done"]
+protocol = "lines"
+end_marker = "^__END__$"
+stop_grace = "1s"
+"#;
+
+/// A child's environment is the base allowlist plus what `pass_env` names:
+/// a secret in the gateway's environment does not reach it.
+#[tokio::test]
+async fn a_secret_in_the_gateway_env_reaches_a_child_only_through_pass_env() {
+    let gw = Binary::start(Opts {
+        env: &[
+            ("AWS_SECRET_ACCESS_KEY", "secret-9d1e"),
+            ("PASSED_ONE", "one-5b7c"),
+            ("PASSED_GROUP_A", "group-a-77e1"),
+            ("PASSED_ONE_NOT", "prefix-only-1c2d"),
+        ],
+        profiles: PROBES,
+        ..Opts::default()
+    });
+    let id = gw.create("envdump").await;
+    let output = gw.ask(&id, "env").await["output"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(output.contains("PASSED_ONE=one-5b7c"), "{output}");
+    assert!(output.contains("PASSED_GROUP_A=group-a-77e1"), "{output}");
+    assert!(output.contains("PATH="), "{output}");
+    for absent in ["secret-9d1e", "prefix-only-1c2d", "AGENTGATE_"] {
+        assert!(
+            !output.contains(absent),
+            "{absent} reached the child: {output}"
+        );
+    }
+    gw.stop().await;
+}
+
+/// `merge_stderr = true` puts stderr lines in the reply; without it they are not.
+#[tokio::test]
+async fn merge_stderr_puts_stderr_in_the_reply() {
+    let gw = Binary::start(Opts {
+        profiles: PROBES,
+        ..Opts::default()
+    });
+    let merged = gw.create("both").await;
+    let out = gw.ask(&merged, "x").await["output"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(out.contains("to-out") && out.contains("to-err"), "{out}");
+    let split = gw.create("split").await;
+    let out = gw.ask(&split, "x").await["output"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(out.contains("to-out") && !out.contains("to-err"), "{out}");
+    gw.stop().await;
+}
+
+/// `AGENTGATE_PERSISTENT=false`: every message runs the one-shot command, so
+/// nothing lives between messages and no child is kept.
+#[tokio::test]
+async fn persistent_false_runs_every_message_once() {
+    let gw = Binary::start(Opts {
+        env: &[("AGENTGATE_PERSISTENT", "false")],
+        ..Opts::default()
+    });
+    let id = gw.create("python").await;
+    let first = gw.ask(&id, "x = 41\nprint('set')").await;
+    assert_eq!(first["status"], "completed", "{first}");
+    let second = gw.ask(&id, "print(x + 1)").await;
+    assert!(
+        !second["output"].as_str().unwrap_or("").contains("42"),
+        "state survived between messages: {second}"
+    );
+    let session: Value = gw
+        .get(&format!("/sessions/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(session["pid"].is_null(), "{session}");
+    gw.stop().await;
+}
+
+/// SIGINT shuts down like SIGTERM: exit 0 and no child left.
+#[tokio::test]
+async fn sigint_shuts_down_cleanly() {
+    let mut gw = Binary::start(Opts::default());
+    let id = gw.create("sed").await;
+    let session: Value = gw
+        .get(&format!("/sessions/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let child = session["pid"].as_u64().unwrap() as u32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(gw.pid() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let mut status = None;
+    eventually(T, || {
+        status = status.or_else(|| gw.child.try_wait().unwrap());
+        let done = status.is_some();
+        async move { done }
+    })
+    .await;
+    assert_eq!(status.unwrap().code(), Some(0), "{}", gw.log());
+    eventually(T, || async { !common::alive(child) }).await;
+}
+
+/// DELETE while a message runs: 204, the message ends (not `running`), and
+/// the child's process group is gone.
+#[tokio::test]
+async fn delete_during_a_running_message_ends_it_and_its_child() {
+    let gw = Binary::start(Opts::default());
+    let id = gw.create("python").await;
+    let res = gw
+        .post(
+            &format!("/sessions/{id}/messages"),
+            json!({"content": "import time; time.sleep(600)"}),
+        )
+        .await;
+    assert_eq!(res.status(), 202);
+    let mid = res.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = std::time::Instant::now() + T;
+    let pid = loop {
+        let m: Value = gw
+            .get(&format!("/sessions/{id}/messages/{mid}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        if m["status"] == "running" {
+            let s: Value = gw
+                .get(&format!("/sessions/{id}"))
+                .await
+                .json()
+                .await
+                .unwrap();
+            break s["pid"].as_u64().unwrap() as u32;
+        }
+        assert!(std::time::Instant::now() < deadline, "never running: {m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(pid > 0);
+    let res = gw
+        .http
+        .delete(gw.url(&format!("/sessions/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    assert_eq!(gw.get(&format!("/sessions/{id}")).await.status(), 404);
+    eventually(T, || async { common::group_members(pid).is_empty() }).await;
+    gw.stop().await;
+}
+
+/// `GET /sessions/{id}/messages?limit=N` returns the first N, `after` pages on.
+#[tokio::test]
+async fn the_message_list_takes_limit_and_after() {
+    let gw = Binary::start(Opts::default());
+    let id = gw.create("sed").await;
+    for i in 0..3 {
+        gw.ask(&id, &format!("m{i}")).await;
+    }
+    let page: Value = gw
+        .get(&format!("/sessions/{id}/messages?limit=2"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let inputs: Vec<&str> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["input"].as_str().unwrap())
+        .collect();
+    assert_eq!(inputs, ["m0", "m1"]);
+    let last = page["messages"][1]["id"].as_str().unwrap();
+    let rest: Value = gw
+        .get(&format!("/sessions/{id}/messages?limit=2&after={last}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rest["messages"].as_array().unwrap().len(), 1, "{rest}");
+    assert_eq!(rest["messages"][0]["input"], "m2");
+    let bad = gw.get(&format!("/sessions/{id}/messages?limit=x")).await;
+    assert_problem(bad, 400).await;
+    gw.stop().await;
+}
+
+/// `--insecure` lets the gateway listen on a public address without a token.
+#[tokio::test]
+async fn insecure_allows_a_public_address_without_a_token() {
+    let gw = Binary::start(Opts {
+        args: &["--listen", "0.0.0.0:0", "--insecure"],
+        ..Opts::default()
+    });
+    let port = gw.addr.rsplit(':').next().unwrap();
+    let res = gw
+        .http
+        .get(format!("http://127.0.0.1:{port}/agents"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    gw.stop().await;
+}
+
+/// `permission_relay = false` starts claude without the stdio permission tool.
+#[test]
+fn permission_relay_false_leaves_the_permission_flag_out() {
+    let mut config = agentgate::Config::defaults(agentgate_bin());
+    config
+        .add_profiles_toml(
+            "test",
+            r#"
+[agents.relay]
+command = ["claude", "-p"]
+protocol = "claude-stream-json"
+[agents.norelay]
+command = ["claude", "-p"]
+protocol = "claude-stream-json"
+permission_relay = false
+"#,
+        )
+        .unwrap();
+    let argv = |name: &str| config.profiles[name].persistent_argv(None).join(" ");
+    assert!(argv("relay").contains("--permission-prompt-tool stdio"));
+    assert!(
+        !argv("norelay").contains("--permission-prompt-tool"),
+        "{}",
+        argv("norelay")
+    );
+}
+
+/// Every example in `examples/profiles/` parses, and the python one runs.
+#[tokio::test]
+async fn the_example_profiles_parse_and_python_runs() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/profiles");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let mut config = agentgate::Config::defaults(agentgate_bin());
+            config
+                .add_profiles_toml(&path.display().to_string(), &text)
+                .unwrap_or_else(|e| panic!("{e}"));
+            names.push(path.file_name().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    assert_eq!(names, ["bc.toml", "python.toml", "sqlite3.toml"]);
+    let home = tempfile::tempdir().unwrap();
+    let mut child = sealed_command(home.path())
+        .args(["--listen", "127.0.0.1:0", "--config"])
+        .arg(dir.join("python.toml"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(T).unwrap_or_default();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .map(|r| r.split_whitespace().next().unwrap().to_string());
+    let result = async {
+        let base = format!("http://{}", addr.expect("the address"));
+        let http = reqwest::Client::builder().timeout(T).build().unwrap();
+        let s: Value = http
+            .post(format!("{base}/sessions"))
+            .json(&json!({"agent": "python"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = s["id"].as_str().unwrap();
+        let m: Value = http
+            .post(format!("{base}/sessions/{id}/messages?wait=true"))
+            .json(&json!({"content": "print(6 * 7)"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        m
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(result["status"], "completed", "{result}");
+    assert_eq!(result["output"].as_str().unwrap().trim(), "42", "{result}");
 }
