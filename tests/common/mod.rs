@@ -253,8 +253,9 @@ pub struct SseItem {
     pub retry: Option<u64>,
 }
 
-/// Reads SSE items from `res` until `done` returns true for one, the stream
-/// ends, or `limit` passes (which fails the test).
+/// Reads SSE items from `res` until `done` returns true for one. A stream
+/// that ends first, or `limit` passing, fails the test: a caller never
+/// mistakes a cut-off stream for the events it waited for.
 pub async fn read_sse(
     res: reqwest::Response,
     limit: Duration,
@@ -282,7 +283,7 @@ pub async fn read_sse(
             Ok(Some(chunk)) => {
                 buf.push_str(std::str::from_utf8(&chunk.unwrap()).expect("SSE is UTF-8"))
             }
-            Ok(None) => return items,
+            Ok(None) => panic!("SSE: the stream ended before a match; got {items:#?}"),
             Err(_) => panic!("SSE: nothing matched within {limit:?}; got {items:#?}"),
         }
     }
