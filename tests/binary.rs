@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -63,10 +62,7 @@ async fn sigterm_fails_running_messages_ends_streams_and_leaves_no_process() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = first_line(child.stdout.take().unwrap(), T);
     let addr = line
         .split("http://")
         .nth(1)

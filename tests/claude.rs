@@ -349,3 +349,19 @@ async fn a_conversation_that_cannot_be_resumed_fails_once_then_starts_anew() {
     assert_eq!(rig.last_request_len(), 2, "a new conversation");
     rig.gw.stop().await;
 }
+
+/// A model API error reaches the client through the gateway as a failed
+/// message with `agent_error` (the CLI reports it as `subtype: "success"`
+/// with `is_error: true`), and the session answers the next message.
+#[tokio::test]
+async fn a_model_api_error_fails_the_message_with_agent_error() {
+    let rig = Rig::start(|_| {}, |_| {}).await;
+    let id = rig.session().await;
+    rig.mock.fail_next(1, 500);
+    let failed = rig.gw.ask(&id, "this one fails").await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["error"]["code"], "agent_error", "{failed}");
+    let ok = rig.gw.ask(&id, "this one works").await;
+    assert_eq!(ok["status"], "completed", "{ok}");
+    rig.gw.stop().await;
+}

@@ -38,6 +38,23 @@ pub fn sealed_command(home: &Path) -> std::process::Command {
     cmd
 }
 
+/// The first line the binary writes to `stdout` (its address), read on a
+/// thread: a binary that never prints fails the test after `limit` instead of
+/// hanging it. The rest of stdout is drained so the binary never blocks.
+pub fn first_line(stdout: std::process::ChildStdout, limit: Duration) -> String {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let _ = tx.send(line);
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("the binary printed no line within {limit:?}"))
+}
+
 /// Profiles used across tests: python3 REPL, sed, a shell with a grandchild.
 pub const PROFILES: &str = r#"
 [agents.python]
