@@ -55,13 +55,15 @@ fn a_public_address_without_a_token_is_refused() {
 async fn sigterm_fails_running_messages_ends_streams_and_leaves_no_process() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), PROFILES);
-    let mut child = sealed_command(dir.path())
-        .args(["--listen", "127.0.0.1:0", "--config"])
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        sealed_command(dir.path())
+            .args(["--listen", "127.0.0.1:0", "--config"])
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let line = first_line(child.stdout.take().unwrap(), T);
     let addr = line
         .split("http://")

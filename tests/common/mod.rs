@@ -38,6 +38,32 @@ pub fn sealed_command(home: &Path) -> std::process::Command {
     cmd
 }
 
+/// A child process that is killed and reaped when dropped, so a test that
+/// panics leaves no gateway behind.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// The first line the binary writes to `stdout` (its address), read on a
 /// thread: a binary that never prints fails the test after `limit` instead of
 /// hanging it. The rest of stdout is drained so the binary never blocks.
