@@ -4,7 +4,7 @@
 #
 # The version is pinned by tests/claude/package.json + package-lock.json and
 # installed into tests/claude/node_modules (git-ignored). Idempotent:
-#   1. if AGENTGATE_CLAUDE_BIN is set and executable, use it as is;
+#   1. if AGENTGATE_TEST_CLAUDE_BIN is set and executable, use it as is;
 #   2. else if tests/claude/node_modules/.bin/claude reports the pinned
 #      version, do nothing;
 #   3. else run `npm ci` in tests/claude.
@@ -25,13 +25,13 @@ version_of() {
         "$1" --version </dev/null 2>/dev/null | awk 'NR == 1 { print $1 }'
 }
 
-if [[ -n "${AGENTGATE_CLAUDE_BIN:-}" ]]; then
-    if [[ -x "$AGENTGATE_CLAUDE_BIN" && ! -d "$AGENTGATE_CLAUDE_BIN" ]]; then
-        log "using AGENTGATE_CLAUDE_BIN ($(version_of "$AGENTGATE_CLAUDE_BIN" || true))"
-        printf '%s\n' "$AGENTGATE_CLAUDE_BIN"
+if [[ -n "${AGENTGATE_TEST_CLAUDE_BIN:-}" ]]; then
+    if [[ -x "$AGENTGATE_TEST_CLAUDE_BIN" && ! -d "$AGENTGATE_TEST_CLAUDE_BIN" ]]; then
+        log "using AGENTGATE_TEST_CLAUDE_BIN ($(version_of "$AGENTGATE_TEST_CLAUDE_BIN" || true))"
+        printf '%s\n' "$AGENTGATE_TEST_CLAUDE_BIN"
         exit 0
     fi
-    log "AGENTGATE_CLAUDE_BIN=$AGENTGATE_CLAUDE_BIN is not an executable file; installing the pinned CLI instead"
+    log "AGENTGATE_TEST_CLAUDE_BIN=$AGENTGATE_TEST_CLAUDE_BIN is not an executable file; installing the pinned CLI instead"
 fi
 
 # The pinned version, read from package.json (exact version, no range).
@@ -48,7 +48,7 @@ if [[ -x "$bin" ]] && [[ "$(version_of "$bin" || true)" == "$want" ]]; then
 fi
 
 command -v npm >/dev/null 2>&1 || {
-    log "npm is not installed; install Node.js + npm, or set AGENTGATE_CLAUDE_BIN"
+    log "npm is not installed; install Node.js + npm, or set AGENTGATE_TEST_CLAUDE_BIN"
     exit 1
 }
 

@@ -5,7 +5,7 @@
 #   bash scripts/test.sh
 #
 # 1. installs the pinned Claude Code CLI from the npm registry into
-#    tests/claude/node_modules (skipped when AGENTGATE_CLAUDE_BIN points to one);
+#    tests/claude/node_modules (skipped when AGENTGATE_TEST_CLAUDE_BIN points to one);
 # 2. checks formatting and lints;
 # 3. starts a throwaway PostgreSQL (Debian's, installed when missing) and
 #    runs every test: unit, HTTP, real processes (python3, sed, sh), the
@@ -24,14 +24,42 @@ step() { printf '\n==> %s\n' "$*"; }
 # One build per run: incremental caches only cost disk here.
 export CARGO_INCREMENTAL=0
 
-for tool in cargo python3 sed node npm; do
-    command -v "$tool" >/dev/null || { echo "test.sh: $tool is required" >&2; exit 1; }
-done
+# Every tool, checked up front, one clear line each.
+missing=0
+need() { # need NAME WHY
+    command -v "$1" >/dev/null || { echo "test.sh: missing $1 ($2)" >&2; missing=1; }
+}
+need cargo "the Rust toolchain: https://rustup.rs"
+need rustfmt "rustup component add rustfmt"
+need cargo-clippy "rustup component add clippy"
+need python3 "test agents and scripts/contract; apt-get install python3"
+need sed "a test agent"
+need curl "the shell examples in scripts/contract; apt-get install curl"
+need setpriv "runs the gateway unprivileged in tests/hardening2.rs; apt-get install util-linux"
+need node "the pinned claude CLI; Node 18 or newer"
+need npm "installs the pinned claude CLI"
+if command -v python3 >/dev/null && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+    echo "test.sh: missing python3-venv (scripts/contract makes a venv); apt-get install python3-venv" >&2
+    missing=1
+fi
+if command -v node >/dev/null; then
+    node_major="$(node -p 'process.versions.node.split(".")[0]')"
+    if (( node_major < 18 )); then
+        echo "test.sh: node $(node --version) is too old for the pinned claude CLI (needs 18 or newer)" >&2
+        missing=1
+    fi
+fi
+(( missing == 0 )) || exit 1
+
+# Sealed from the machine: no AGENTGATE_* setting of the runner reaches a
+# test (a token, a claude binary, a default agent), and no test runs a
+# claude that is not the pinned one pointed at the suite's mock.
+while IFS= read -r name; do unset "$name"; done < <(compgen -e | grep '^AGENTGATE_' | grep -v '^AGENTGATE_TEST_' || true)
 
 step "installing the pinned claude CLI (tests/claude)"
-AGENTGATE_CLAUDE_BIN="$(bash scripts/install-claude.sh | tail -n 1)"
-export AGENTGATE_CLAUDE_BIN
-echo "claude: $AGENTGATE_CLAUDE_BIN"
+AGENTGATE_TEST_CLAUDE_BIN="$(bash scripts/install-claude.sh | tail -n 1)"
+export AGENTGATE_TEST_CLAUDE_BIN
+echo "claude: $AGENTGATE_TEST_CLAUDE_BIN"
 
 step "cargo fmt --check"
 cargo fmt --check

@@ -56,6 +56,17 @@ pub struct Cli {
     /// Most `POST /oneshot` runs at once (503 beyond).
     #[arg(long, env = "AGENTGATE_MAX_ONESHOT", default_value_t = 16)]
     pub max_oneshot: usize,
+    /// Most open client connections; beyond it a connection gets 503 (and
+    /// `GET /healthz`) and is closed. Default: half the open-file limit, at most 4096.
+    #[arg(long, env = "AGENTGATE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// A client must send a request's headers within this long of connecting or of
+    /// the previous response; idle keep-alive connections close after it too.
+    #[arg(long, env = "AGENTGATE_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// Most open event streams at once, all credentials together (429 beyond).
+    #[arg(long, env = "AGENTGATE_MAX_EVENT_STREAMS", default_value_t = 256)]
+    pub max_event_streams: usize,
     /// Largest request body in bytes (413 beyond).
     #[arg(long, env = "AGENTGATE_MAX_BODY", default_value_t = 1 << 20)]
     pub max_body: u64,
@@ -68,7 +79,7 @@ pub struct Cli {
     /// Bytes of event data kept per session for replay.
     #[arg(long, env = "AGENTGATE_REPLAY_BYTES", default_value_t = 8 << 20)]
     pub replay_bytes: usize,
-    /// Origins allowed by CORS (repeatable; default none).
+    /// Origins allowed by CORS (repeatable; default none). `*` needs a token.
     #[arg(long, env = "AGENTGATE_ALLOW_ORIGIN", value_delimiter = ',')]
     pub allow_origin: Vec<String>,
     /// Extra Host header names allowed besides localhost names and loopback addresses (repeatable).
@@ -77,7 +88,8 @@ pub struct Cli {
     /// Log format.
     #[arg(long, env = "AGENTGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
-    /// Allow a non-loopback listen address without a token.
+    /// Allow a non-loopback listen address without a token (or with a short
+    /// one), and `--allow-origin '*'` without a token.
     #[arg(long, env = "AGENTGATE_INSECURE")]
     pub insecure: bool,
     /// Run every profile's messages through its one-shot command (`false` to force).
@@ -340,6 +352,12 @@ pub struct Config {
     pub max_queue: usize,
     /// See [`Cli::max_oneshot`].
     pub max_oneshot: usize,
+    /// See [`Cli::max_connections`]; resolved against the open-file limit.
+    pub max_connections: usize,
+    /// See [`Cli::header_timeout`].
+    pub header_timeout: Duration,
+    /// See [`Cli::max_event_streams`].
+    pub max_event_streams: usize,
     /// See [`Cli::max_body`].
     pub max_body: u64,
     /// See [`Cli::max_output`].
@@ -358,15 +376,30 @@ pub struct Config {
     pub heartbeat: Duration,
 }
 
+/// Half the soft open-file limit, between 16 and 4096: the other half is
+/// left for children's pipes, the listener and files, so a flood of
+/// connections cannot starve `accept` or a spawn of descriptors.
+fn default_max_connections() -> usize {
+    use nix::sys::resource::{getrlimit, Resource};
+    let soft = getrlimit(Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    usize::try_from(soft / 2).unwrap_or(4096).clamp(16, 4096)
+}
+
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl Config {
     /// Resolves flags and the profile file. `self_exe` is the agentgate binary
     /// that runs the built-in `demo` agent.
     pub fn from_cli(cli: &Cli, self_exe: &Path) -> Result<Config, ConfigError> {
+        Config::resolve(cli, self_exe, find_claude())
+    }
+
+    fn resolve(cli: &Cli, self_exe: &Path, claude: Option<PathBuf>) -> Result<Config, ConfigError> {
         let mut profiles = BTreeMap::new();
         profiles.insert("demo".to_string(), Arc::new(demo_profile(self_exe)));
-        if let Some(claude) = find_claude() {
+        if let Some(claude) = claude {
             profiles.insert("claude".to_string(), Arc::new(claude_profile(&claude)));
         }
         let mut file_default = None;
@@ -408,6 +441,12 @@ impl Config {
             max_children: cli.max_children.max(1),
             max_queue: cli.max_queue,
             max_oneshot: cli.max_oneshot.max(1),
+            max_connections: cli
+                .max_connections
+                .unwrap_or_else(default_max_connections)
+                .max(1),
+            header_timeout: cli.header_timeout.max(Duration::from_millis(100)),
+            max_event_streams: cli.max_event_streams.max(1),
             max_body: cli.max_body,
             max_output: cli.max_output,
             replay_events: cli.replay_events.max(1),
@@ -419,10 +458,16 @@ impl Config {
         })
     }
 
-    /// A configuration with defaults and the built-in profiles only; for tests and embedding.
+    /// The defaults and the `demo` profile, for tests and embedding. Sealed
+    /// from the machine: no `AGENTGATE_*` variable is read and no `claude`
+    /// is looked for, so a test never starts a CLI it did not configure
+    /// (with its own `HOME` and model API) because the runner has one.
     pub fn defaults(self_exe: &Path) -> Config {
-        let cli = Cli::parse_from(["agentgate", "--listen", "127.0.0.1:0"]);
-        Config::from_cli(&cli, self_exe).expect("the built-in defaults are valid")
+        use clap::{CommandFactory, FromArgMatches};
+        let command = Cli::command().mut_args(|arg| arg.env(None));
+        let matches = command.get_matches_from(["agentgate", "--listen", "127.0.0.1:0"]);
+        let cli = Cli::from_arg_matches(&matches).expect("the built-in defaults parse");
+        Config::resolve(&cli, self_exe, None).expect("the built-in defaults are valid")
     }
 
     /// Adds (or replaces) profiles from TOML text; for tests and embedding.

@@ -13,6 +13,7 @@
 //! - [`store`] — where sessions, messages and event logs outlive the process (SQLite, PostgreSQL, or memory).
 //! - [`oneshot`] — one process per request.
 //! - [`http`] — warp routes, handlers, SSE, problem+json, and the guard in front of them (token, Host and Origin allowlists, CORS).
+//! - [`server`] — the connection loop: HTTP/1.1 on hyper, the connection cap, the header-read timeout, one authority per request.
 //! - [`demo`] — the built-in demo agent (`agentgate demo-agent`).
 //! - [`metrics`] — Prometheus series for `GET /metrics`: counted where things happen, levels read at scrape time.
 
@@ -25,6 +26,7 @@ pub mod model;
 pub mod oneshot;
 pub mod process;
 pub mod protocol;
+pub mod server;
 pub mod session;
 pub mod store;
 
@@ -46,15 +48,6 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    // SSE writes small frames one after another: with Nagle's algorithm on,
-    // each frame after the first waits for the client's delayed ACK (~40 ms
-    // on Linux loopback). Accepted sockets inherit TCP_NODELAY from the
-    // listener (Linux, the BSDs), and warp gives no hook per connection.
-    if let Err(e) =
-        nix::sys::socket::setsockopt(&listener, nix::sys::socket::sockopt::TcpNoDelay, &true)
-    {
-        tracing::warn!(error = %e, "cannot set TCP_NODELAY on the listener");
-    }
     let registry = Registry::new(Arc::new(config));
     let token = CancellationToken::new();
     let reaper = tokio::spawn(session::reaper::run(registry.clone(), token.clone()));
@@ -63,17 +56,18 @@ pub async fn serve(
     let routes = http::routes(state);
     let stop_registry = registry.clone();
     let stop_token = token.clone();
-    warp::serve(routes)
-        .incoming(listener)
-        .graceful(async move {
-            shutdown.await;
-            tracing::info!("shutting down: closing sessions and their children");
-            stop_registry.shutdown().await;
-            // After the sessions: their last events reach SSE clients before the streams end.
-            stop_token.cancel();
-        })
-        .run()
-        .await;
+    let limits = server::Limits {
+        max_connections: registry.config.max_connections,
+        header_timeout: registry.config.header_timeout,
+    };
+    server::run(warp::service(routes), listener, limits, async move {
+        shutdown.await;
+        tracing::info!("shutting down: closing sessions and their children");
+        stop_registry.shutdown().await;
+        // After the sessions: their last events reach SSE clients before the streams end.
+        stop_token.cancel();
+    })
+    .await;
     token.cancel();
     let _ = reaper.await;
     let _ = prewarm.await;

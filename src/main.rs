@@ -34,16 +34,17 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // A child runs as the same user: without this it could read the token and
+    // every other secret from /proc/<gateway>/environ (or attach a debugger)
+    // and approve its own permission requests. Not inherited across exec, so
+    // children keep their own core dumps. Root can read /proc regardless.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(error = %e, "cannot make the gateway non-dumpable; children may read its environment");
+    }
     let exe = std::env::current_exe()?;
     let config = agentgate::Config::from_cli(&cli, &exe)
         .map_err(|e| anyhow::anyhow!("configuration error: {e}"))?;
-    if !config.listen.ip().is_loopback() && config.token.is_none() && !config.insecure {
-        anyhow::bail!(
-            "refusing to listen on {} without a token: an agent CLI runs tools, so an open port is remote code execution. \
-             Set --token (AGENTGATE_TOKEN), or pass --insecure if you really mean it",
-            config.listen
-        );
-    }
+    refuse_unsafe(&config)?;
     let (listener, addr) = agentgate::bind(&config)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
@@ -54,6 +55,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         config.default_agent
     );
     agentgate::serve(config, listener, shutdown_signal()).await;
+    Ok(())
+}
+
+/// Start-up refusals for configurations that would open the machine to
+/// strangers; `--insecure` overrides all of them.
+fn refuse_unsafe(config: &agentgate::Config) -> anyhow::Result<()> {
+    if config.insecure {
+        return Ok(());
+    }
+    let public = !config.listen.ip().is_loopback();
+    if public && config.token.is_none() {
+        anyhow::bail!(
+            "refusing to listen on {} without a token: an agent CLI runs tools, so an open port is remote code execution. \
+             Set --token (AGENTGATE_TOKEN), or pass --insecure if you really mean it",
+            config.listen
+        );
+    }
+    if public && config.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+        anyhow::bail!(
+            "refusing to listen on {} with a token shorter than 16 bytes: it can be guessed. \
+             Use e.g. `openssl rand -hex 32`, or pass --insecure",
+            config.listen
+        );
+    }
+    let any_origin = config.allow_origin.iter().any(|o| o.trim() == "*");
+    if any_origin && config.token.is_none() {
+        anyhow::bail!(
+            "refusing --allow-origin '*' without a token: any web page could then start agents. \
+             Set --token, name the origins, or pass --insecure"
+        );
+    }
     Ok(())
 }
 

@@ -63,6 +63,7 @@ pub async fn run(
     let spec = SpawnSpec {
         argv,
         env: child_env(profile),
+        cwd_roots: cwd.is_some().then(|| profile.cwd_roots.clone()),
         cwd: cwd.or_else(|| profile.cwd.clone()),
         merge_stderr: profile.merge_stderr,
     };

@@ -2,8 +2,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -24,7 +23,7 @@ fn a_bad_config_stops_startup_with_one_clear_line() {
         dir.path(),
         "[agents.py]\ncommand = [\"python3\"]\nprotocol = \"lines\"\nend_marker = \"([\"\n",
     );
-    let out = Command::new(agentgate_bin())
+    let out = sealed_command(dir.path())
         .args(["--listen", "127.0.0.1:0", "--config"])
         .arg(&path)
         .output()
@@ -43,7 +42,8 @@ fn a_bad_config_stops_startup_with_one_clear_line() {
 
 #[test]
 fn a_public_address_without_a_token_is_refused() {
-    let out = Command::new(agentgate_bin())
+    let home = tempfile::tempdir().unwrap();
+    let out = sealed_command(home.path())
         .args(["--listen", "0.0.0.0:0"])
         .output()
         .unwrap();
@@ -55,17 +55,16 @@ fn a_public_address_without_a_token_is_refused() {
 async fn sigterm_fails_running_messages_ends_streams_and_leaves_no_process() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), PROFILES);
-    let mut child = Command::new(agentgate_bin())
-        .args(["--listen", "127.0.0.1:0", "--config"])
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let mut child = KillOnDrop(
+        sealed_command(dir.path())
+            .args(["--listen", "127.0.0.1:0", "--config"])
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let line = first_line(child.stdout.take().unwrap(), T);
     let addr = line
         .split("http://")
         .nth(1)

@@ -201,9 +201,11 @@ async fn ask_for_touch(rig: &Rig, id: &str, name: &str) -> (String, Value, std::
     (mid, req, file)
 }
 
+/// Allow and deny, answered by a client. The profile's timeout is the
+/// default (minutes), so the answers never race it on a loaded machine.
 #[tokio::test]
-async fn permission_allow_deny_and_timeout() {
-    let rig = Rig::start(|p| p.permission_timeout = Duration::from_secs(1), |_| {}).await;
+async fn permission_allow_and_deny() {
+    let rig = Rig::start(|_| {}, |_| {}).await;
     let id = rig.session().await;
 
     let (mid, req, file) = ask_for_touch(&rig, &id, "allowed").await;
@@ -247,7 +249,15 @@ async fn permission_allow_deny_and_timeout() {
         "the model saw the reason"
     );
 
-    // Nobody answers: denied after the profile's permission_timeout.
+    rig.gw.stop().await;
+}
+
+/// Nobody answers: denied after the profile's permission_timeout (1 s here;
+/// no answer is sent, so nothing races it).
+#[tokio::test]
+async fn permission_timeout_denies() {
+    let rig = Rig::start(|p| p.permission_timeout = Duration::from_secs(1), |_| {}).await;
+    let id = rig.session().await;
     let (mid, _req, file) = ask_for_touch(&rig, &id, "timed-out").await;
     let done = rig.gw.finished(&id, &mid).await;
     assert_eq!(done["status"], "completed");
@@ -337,5 +347,21 @@ async fn a_conversation_that_cannot_be_resumed_fails_once_then_starts_anew() {
     let fresh = rig.gw.ask(&id, "again").await;
     assert_eq!(fresh["status"], "completed", "{fresh}");
     assert_eq!(rig.last_request_len(), 2, "a new conversation");
+    rig.gw.stop().await;
+}
+
+/// A model API error reaches the client through the gateway as a failed
+/// message with `agent_error` (the CLI reports it as `subtype: "success"`
+/// with `is_error: true`), and the session answers the next message.
+#[tokio::test]
+async fn a_model_api_error_fails_the_message_with_agent_error() {
+    let rig = Rig::start(|_| {}, |_| {}).await;
+    let id = rig.session().await;
+    rig.mock.fail_next(1, 500);
+    let failed = rig.gw.ask(&id, "this one fails").await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["error"]["code"], "agent_error", "{failed}");
+    let ok = rig.gw.ask(&id, "this one works").await;
+    assert_eq!(ok["status"], "completed", "{ok}");
     rig.gw.stop().await;
 }

@@ -5,8 +5,8 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
+use std::io::Read;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -429,12 +429,11 @@ impl Binary {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("agents.toml");
         std::fs::write(&config, PROFILES).unwrap();
-        let mut child = Command::new(agentgate_bin())
+        let mut child = sealed_command(dir.path())
             .args(["--listen", "127.0.0.1:0", "--config"])
             .arg(&config)
             .args(args)
             .env("AGENTGATE_LOG", "info,agentgate=debug")
-            .env("AGENTGATE_CLAUDE_BIN", "/nonexistent/claude")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -445,10 +444,7 @@ impl Binary {
             err.read_to_string(&mut text).unwrap();
             text
         });
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let line = first_line(child.stdout.take().unwrap(), Duration::from_secs(30));
         let addr = line
             .strip_prefix("agentgate listening on ")
             .unwrap_or_else(|| panic!("first stdout line: {line:?}"))
@@ -493,14 +489,17 @@ async fn traffic(base: &str) -> (String, Vec<String>) {
     .await;
     let sid = s["id"].as_str().unwrap().to_string();
     let mut mids = Vec::new();
-    for content in ["print('hi')", "import os; os._exit(3)"] {
+    for (content, want) in [
+        ("print('hi')", "completed"),
+        ("import os; os._exit(3)", "failed"),
+    ] {
         let m: Value = post_json(
             &http,
             format!("{base}/sessions/{sid}/messages?wait=true"),
             json!({"content": content}),
         )
         .await;
-        assert!(m["status"] == "completed" || m["status"] == "failed", "{m}");
+        assert_eq!(m["status"], want, "{m}");
         mids.push(m["id"].as_str().unwrap().to_string());
     }
     let res = http

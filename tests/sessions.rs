@@ -163,14 +163,22 @@ async fn concurrent_messages_run_one_at_a_time_in_order() {
     for m in &accepted {
         done.push(gw.finished(&id, m["id"].as_str().unwrap()).await);
     }
-    done.sort_by_key(|m| m["started_at"].as_str().unwrap().to_string());
+    // Instants, not strings: RFC 3339 text does not sort (fraction lengths differ).
+    let at = |m: &serde_json::Value, key: &str| {
+        time::OffsetDateTime::parse(
+            m[key].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+    };
+    done.sort_by_key(|m| at(m, "started_at"));
     for pair in done.windows(2) {
         assert!(
-            pair[0]["finished_at"].as_str().unwrap() <= pair[1]["started_at"].as_str().unwrap(),
+            at(&pair[0], "finished_at") <= at(&pair[1], "started_at"),
             "one at a time"
         );
         assert!(
-            pair[0]["created_at"].as_str().unwrap() <= pair[1]["created_at"].as_str().unwrap(),
+            at(&pair[0], "created_at") <= at(&pair[1], "created_at"),
             "in arrival order"
         );
     }
@@ -344,12 +352,15 @@ async fn a_client_leaving_an_sse_stream_does_not_stop_the_message() {
         .as_str()
         .unwrap()
         .to_string();
-    let res = gw
-        .stream(
-            &id,
-            json!({"content": "import time; time.sleep(0.3); print('done')"}),
-        )
-        .await;
+    // The message runs until the test says so (a flag file): the client
+    // leaves while it runs, whatever the machine's speed.
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("go");
+    let content = format!(
+        "import os, time; _w = [time.sleep(0.02) for _ in iter(lambda: os.path.exists({:?}), True)]; print('done')",
+        flag.display().to_string()
+    );
+    let res = gw.stream(&id, json!({ "content": content })).await;
     let location = res.headers()["location"].to_str().unwrap().to_string();
     let items = read_sse(res, T, |i| i.event.as_deref() == Some("message.started")).await;
     let mid = items.last().unwrap().data["message_id"]
@@ -357,7 +368,10 @@ async fn a_client_leaving_an_sse_stream_does_not_stop_the_message() {
         .unwrap()
         .to_string();
     assert!(location.ends_with(&mid));
-    // The response was dropped above; the message still completes.
+    // The response was dropped above, while the message runs …
+    assert_eq!(gw.message(&id, &mid).await["status"], "running");
+    std::fs::write(&flag, b"").unwrap();
+    // … and the message still completes.
     let done = gw.finished(&id, &mid).await;
     assert_eq!(done["output"], "done\n");
     let res = gw.events(&id, "").await;
@@ -428,7 +442,16 @@ async fn errors_are_problem_json() {
         p["detail"].as_str().unwrap().contains("unknown field"),
         "{p}"
     );
-    assert_problem(gw.http.post(gw.url(&msgs)).send().await.unwrap(), 400).await;
+    let empty = gw
+        .http
+        .post(gw.url(&msgs))
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(empty, 400).await;
+    // Without Content-Type even an empty body is 415 (the CSRF defence).
+    assert_problem(gw.http.post(gw.url(&msgs)).send().await.unwrap(), 415).await;
     assert_problem(gw.post("/sessions", json!({"agent": "nope"})).await, 400).await;
     // 404: unknown session, message, route
     assert_problem(
@@ -608,32 +631,37 @@ async fn a_session_without_activity_for_its_ttl_is_removed() {
 
 #[tokio::test]
 async fn oneshot_runs_are_capped_and_a_leaving_client_frees_its_place() {
+    use futures::StreamExt;
     let gw = Gateway::start(|c| c.max_oneshot = 1).await;
     let slow = gw
         .post_sse(
             "/oneshot",
-            json!({"agent": "python", "content": "import time; time.sleep(60)"}),
+            json!({"agent": "python", "content": "import time; time.sleep(600)"}),
         )
         .await;
-    let started = read_sse(slow, T, |i| i.event.as_deref() == Some("message.started")).await;
-    assert!(!started.is_empty());
-    // `read_sse` consumed and dropped the stream above: the client is gone,
-    // so its run is ended and its place freed. Meanwhile a second run may be refused.
+    // Read until the run has started, keeping the stream (and so the run) alive.
+    let mut stream = slow.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("message.started") {
+        let chunk = tokio::time::timeout(T, stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        seen.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    // The cap holds while the slow run lives (it sleeps 600 s: no race) …
     let quick = json!({"agent": "python", "content": "print(1)"});
+    let refused = gw.post("/oneshot", quick.clone()).await;
+    let p = assert_problem(refused, 503).await;
+    assert!(
+        p["detail"].as_str().unwrap().contains("--max-oneshot"),
+        "{p}"
+    );
+    // … and the client leaving ends the run and frees its place.
+    drop(stream);
     eventually(T, || async {
-        let res = gw.post("/oneshot", quick.clone()).await;
-        match res.status().as_u16() {
-            200 => true,
-            503 => {
-                let p = assert_problem(res, 503).await;
-                assert!(
-                    p["detail"].as_str().unwrap().contains("--max-oneshot"),
-                    "{p}"
-                );
-                false
-            }
-            other => panic!("unexpected {other}"),
-        }
+        gw.post("/oneshot", quick.clone()).await.status() == 200
     })
     .await;
     gw.stop().await;
@@ -646,7 +674,7 @@ async fn a_second_oneshot_beyond_the_cap_gets_503() {
     let res = gw
         .post_sse(
             "/oneshot",
-            json!({"agent": "python", "content": "import time; time.sleep(1); print('done')"}),
+            json!({"agent": "python", "content": "print('started', flush=True); import time; time.sleep(600)"}),
         )
         .await;
     // Read until the run has started, keeping the stream (and so the run) alive.
@@ -666,18 +694,10 @@ async fn a_second_oneshot_beyond_the_cap_gets_503() {
             json!({"agent": "python", "content": "print(2)"}),
         )
         .await;
+    // The first run sleeps 600 s, so the refusal cannot race its end.
     assert_problem(refused, 503).await;
-    while !seen.contains("message.completed") {
-        let chunk = tokio::time::timeout(T, stream.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        seen.push_str(std::str::from_utf8(&chunk).unwrap());
-    }
-    assert!(seen.contains("done"), "{seen}");
     drop(stream);
-    // The place is free again once the run has ended.
+    // The place is free again once the run has ended (its client left).
     eventually(T, || async {
         gw.post(
             "/oneshot",

@@ -17,7 +17,7 @@
 #  7. drives the web console at / and examples/stream.html in headless
 #     Chromium (playwright-core); screenshots go to target/contract/. The
 #     console's permission buttons answer the real Claude Code CLI
-#     ($AGENTGATE_CLAUDE_BIN, exported by scripts/test.sh; required) talking
+#     ($AGENTGATE_TEST_CLAUDE_BIN, exported by scripts/test.sh; required) talking
 #     to the test suite's mock of the Anthropic API (examples/mock_anthropic.rs).
 #
 # Every gateway (and the mock API) listens on 127.0.0.1 with an ephemeral
@@ -60,13 +60,13 @@ step() {
 done_step() { printf '    (%d s)\n' "$((SECONDS - step_started))"; }
 
 # The console's permission test runs the real Claude Code CLI: no stand-in.
-if [[ -z "${AGENTGATE_CLAUDE_BIN:-}" ]]; then
-    echo "contract: AGENTGATE_CLAUDE_BIN is not set; run scripts/test.sh, or set it to the pinned" \
-        "CLI: export AGENTGATE_CLAUDE_BIN=\"\$(bash scripts/install-claude.sh | tail -n 1)\"" >&2
+if [[ -z "${AGENTGATE_TEST_CLAUDE_BIN:-}" ]]; then
+    echo "contract: AGENTGATE_TEST_CLAUDE_BIN is not set; run scripts/test.sh, or set it to the pinned" \
+        "CLI: export AGENTGATE_TEST_CLAUDE_BIN=\"\$(bash scripts/install-claude.sh | tail -n 1)\"" >&2
     exit 1
 fi
-[[ -x "$AGENTGATE_CLAUDE_BIN" && ! -d "$AGENTGATE_CLAUDE_BIN" ]] \
-    || { echo "contract: AGENTGATE_CLAUDE_BIN=$AGENTGATE_CLAUDE_BIN is not an executable file" >&2; exit 1; }
+[[ -x "$AGENTGATE_TEST_CLAUDE_BIN" && ! -d "$AGENTGATE_TEST_CLAUDE_BIN" ]] \
+    || { echo "contract: AGENTGATE_TEST_CLAUDE_BIN=$AGENTGATE_TEST_CLAUDE_BIN is not an executable file" >&2; exit 1; }
 
 venv="$out/venv"
 bin_dir="$here/node_modules/.bin"
@@ -192,7 +192,7 @@ echo "mock Anthropic API: $mock_url (pid $mock_pid, log $out/mock_anthropic.log)
 claude_dir="$(mktemp -d "${TMPDIR:-/tmp}/agentgate-contract-claude.XXXXXX")"
 mkdir -p "$claude_dir/tmp"
 # The console's profiles plus `asker`, the real CLI against the mock.
-python3 - "$here/console-profiles.toml" "$out/console-profiles.toml" "$AGENTGATE_CLAUDE_BIN" \
+python3 - "$here/console-profiles.toml" "$out/console-profiles.toml" "$AGENTGATE_TEST_CLAUDE_BIN" \
     "$mock_url" "$claude_dir" <<'PY'
 import json, sys
 src, dst, claude, mock_url, home = sys.argv[1:]

@@ -8,19 +8,28 @@
 //!   not stop it; its requests carry the attacker's name in `Host`. Allowed:
 //!   `localhost` and `*.localhost`, loopback addresses, the address the
 //!   gateway listens on, and `--allowed-host` entries (any port unless the
-//!   entry names one). No `Host` at all (HTTP/1.0, raw clients) passes:
-//!   browsers always send one.
+//!   entry names one). [`crate::server`] has already made sure a request
+//!   names one authority (the target's, for an absolute-form HTTP/1.0
+//!   request); HTTP/1.0 without any passes: browsers always send one.
 //! - **Origin** — a page on another origin can make a browser send requests
 //!   it cannot read: a `no-cors` POST with a body but no `Content-Type` would
 //!   run a message. So a request whose `Origin` is neither the gateway's own
-//!   (same `Host`) nor in `--allow-origin` is refused with 403, and only
-//!   allowed origins get `Access-Control-*` headers. A preflight (`OPTIONS`
+//!   (`http://` + the same host and port as `Host`) nor in `--allow-origin`
+//!   is refused with 403, and only allowed origins get `Access-Control-*`
+//!   headers. `Origin: null` (sandboxed frames, `file:`) is never allowed,
+//!   not even by `*`. A request without `Origin` that a browser marks
+//!   `Sec-Fetch-Site: cross-site` or `same-site` is refused too, unless it is
+//!   a GET or HEAD. Every POST to a route with a body must say
+//!   `Content-Type: application/json`, even with an empty body
+//!   ([`super::body`]): a form or `text/plain` POST is what a page can send
+//!   without a preflight. A preflight (`OPTIONS`
 //!   with `Access-Control-Request-Method`) is answered here, before the
 //!   token check: browsers never send credentials on a preflight.
 //! - **Token** — with `--token`, every route but `/healthz` needs
-//!   `Authorization: Bearer <token>`; the two SSE routes (`GET
-//!   /sessions/{id}/events`, `POST /sessions/{id}/messages`) also take
-//!   `?access_token=`, because EventSource cannot set headers. The compare
+//!   `Authorization: Bearer <token>`; the event stream (`GET
+//!   /sessions/{id}/events`) also takes `?access_token=`, because
+//!   EventSource cannot set headers; no other route does (a token in a URL
+//!   ends up in logs and histories). The compare
 //!   takes the same time wherever the first wrong byte is.
 //!
 //! The gate never logs a header or a query string, so tokens stay out of the
@@ -144,6 +153,14 @@ impl Guard {
             }
         }
         let cors = match headers.get(header::ORIGIN) {
+            None if cross_site_without_origin(method, headers) => {
+                return Err(refuse(
+                    ApiError::Forbidden(
+                        "a cross-site request without Origin is refused (Sec-Fetch-Site)".into(),
+                    ),
+                    None,
+                ));
+            }
             None => None,
             Some(origin) => match self.origin(origin, host) {
                 OriginKind::Same => None,
@@ -210,11 +227,19 @@ impl Guard {
             return OriginKind::Refused;
         };
         let origin = origin.trim_end_matches('/').to_ascii_lowercase();
-        // The gateway's own pages (the console) send their own origin.
-        let authority = origin.split_once("://").map(|(_, rest)| rest).unwrap_or("");
+        if origin == "null" {
+            // Sandboxed frames and file: pages share this one value: allowing
+            // it would allow all of them, and echoing it would tell the
+            // browser so.
+            return OriginKind::Refused;
+        }
+        // The gateway's own pages (the console) send their own origin: it
+        // speaks plain HTTP, so that is http:// with the Host's name and port.
         let same = host
             .and_then(|h| h.to_str().ok())
-            .is_some_and(|h| !authority.is_empty() && h.eq_ignore_ascii_case(authority));
+            .and_then(split_host)
+            .zip(origin.strip_prefix("http://").and_then(split_host))
+            .is_some_and(|((h, hp), (o, op))| h == o && hp.unwrap_or(80) == op.unwrap_or(80));
         if same {
             OriginKind::Same
         } else if self.any_origin || self.origins.contains(&origin) {
@@ -260,14 +285,27 @@ enum OriginKind {
     Refused,
 }
 
-/// Whether `path` is one of the SSE routes, which also take `?access_token=`.
+/// Whether `path` is the event stream, the one route that also takes
+/// `?access_token=` (EventSource cannot set headers).
 fn takes_query_token(method: &Method, path: &str) -> bool {
     let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
     match segs.as_slice() {
         ["", "sessions", id, "events"] => method == Method::GET && !id.is_empty(),
-        ["", "sessions", id, "messages"] => method == Method::POST && !id.is_empty(),
         _ => false,
     }
+}
+
+/// A browser's request from another site that carries no `Origin` (some
+/// browsers leave it off): `Sec-Fetch-Site` still says where it came from.
+/// GET and HEAD change nothing, and a link to the console must open.
+fn cross_site_without_origin(method: &Method, headers: &HeaderMap) -> bool {
+    if method == Method::GET || method == Method::HEAD {
+        return false;
+    }
+    headers
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|site| !matches!(site.trim(), "same-origin" | "none"))
 }
 
 /// `host[:port]` as (lower-case name without a trailing dot, port). IPv6
@@ -476,6 +514,62 @@ mod tests {
             403
         );
         assert_eq!(status(g.check(&get, "/agents", &h("null"), "")), 403);
+        // Same origin means the same scheme, host and port.
+        for other in [
+            "https://127.0.0.1:8700",
+            "http://127.0.0.1:8701",
+            "http://127.0.0.1",
+            "http://localhost:8700",
+        ] {
+            assert_eq!(
+                status(g.check(&get, "/agents", &h(other), "")),
+                403,
+                "{other}"
+            );
+        }
+        let default_port = headers(&[("host", "localhost"), ("origin", "http://localhost:80")]);
+        assert!(matches!(
+            g.check(&get, "/agents", &default_port, ""),
+            Ok(None)
+        ));
+        // `*` allows any origin but `null`, which is never echoed.
+        let any = guard(|c| c.allow_origin = vec!["*".into()]);
+        assert!(matches!(
+            any.check(&get, "/agents", &h("https://evil.example"), ""),
+            Ok(Some(_))
+        ));
+        assert_eq!(status(any.check(&get, "/agents", &h("null"), "")), 403);
+        assert_eq!(status(any.check(&get, "/agents", &h("NULL"), "")), 403);
+    }
+
+    #[test]
+    fn cross_site_requests_without_origin_are_refused_unless_get() {
+        let g = guard(|_| {});
+        let post = Method::POST;
+        let site = |s| headers(&[("host", "localhost"), ("sec-fetch-site", s)]);
+        for bad in ["cross-site", "same-site"] {
+            assert_eq!(
+                status(g.check(&post, "/sessions", &site(bad), "")),
+                403,
+                "{bad}"
+            );
+        }
+        for ok in ["same-origin", "none"] {
+            assert_eq!(
+                status(g.check(&post, "/sessions", &site(ok), "")),
+                200,
+                "{ok}"
+            );
+        }
+        assert_eq!(
+            status(g.check(&Method::GET, "/", &site("cross-site"), "")),
+            200
+        );
+        // Non-browser clients send neither header.
+        assert_eq!(
+            status(g.check(&post, "/sessions", &headers(&[("host", "localhost")]), "")),
+            200
+        );
     }
 
     #[test]
@@ -516,9 +610,10 @@ mod tests {
             401
         );
         let post = Method::POST;
+        // Only the event stream takes it: a POST that sends a message does not.
         assert_eq!(
             status(g.check(&post, "/sessions/x/messages", &none, "access_token=s3cret")),
-            200
+            401
         );
         assert_eq!(
             status(g.check(&post, "/sessions/x/interrupt", &none, "access_token=s3cret")),

@@ -122,9 +122,21 @@ fn with_location(mut res: Response, location: String) -> Response {
     res
 }
 
-/// `GET /`
+/// `GET /`: the console. No other site may frame it, so none can trick a
+/// click on a permission's "Allow" (clickjacking).
 pub fn index() -> Response {
-    warp::reply::html(CONSOLE).into_response()
+    let mut res = warp::reply::html(CONSOLE).into_response();
+    let h = res.headers_mut();
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static("frame-ancestors 'none'"),
+    );
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    res
 }
 
 /// `GET /metrics`
@@ -362,15 +374,32 @@ pub fn events(
             })?),
             None => query_u64(&q, "after")?,
         };
+        let permit = stream_permit(&state)?;
         let sub = handle.shared.log.subscribe(after.unwrap_or(0));
         Ok(sse::response(
             sub,
             Scope::All,
             state.registry.config.heartbeat,
             state.shutdown.clone(),
-            Some(Arc::new(state.registry.metrics.stream_opened())),
+            Some(Arc::new((state.registry.metrics.stream_opened(), permit))),
         ))
     })())
+}
+
+/// A place among the open event streams (`--max-event-streams`), or 429.
+/// The cap is global: owners (and a cap per owner) come with user accounts.
+fn stream_permit(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    state
+        .event_streams
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::TooManyRequests {
+            detail: format!(
+                "{} event streams are open (--max-event-streams); close one or retry later",
+                state.registry.config.max_event_streams
+            ),
+            retry_after: std::time::Duration::from_secs(5),
+        })
 }
 
 /// Aborts a task when the request that owns it goes away.

@@ -35,16 +35,23 @@ pub struct AppState {
     /// One permit per `POST /oneshot` run (`--max-oneshot`): one-shot
     /// children are not session children, so `--max-children` cannot bound them.
     pub oneshots: Arc<tokio::sync::Semaphore>,
+    /// One permit per open event stream (`--max-event-streams`): each holds a
+    /// connection and a subscriber slot for as long as the client likes.
+    pub event_streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
     /// The state for `registry`, its limits taken from the registry's configuration.
     pub fn new(registry: Arc<Registry>, shutdown: tokio_util::sync::CancellationToken) -> AppState {
         let oneshots = Arc::new(tokio::sync::Semaphore::new(registry.config.max_oneshot));
+        let event_streams = Arc::new(tokio::sync::Semaphore::new(
+            registry.config.max_event_streams,
+        ));
         AppState {
             registry,
             shutdown,
             oneshots,
+            event_streams,
         }
     }
 }
@@ -91,7 +98,10 @@ fn with_state(state: AppState) -> impl Filter<Extract = (AppState,), Error = Inf
     warp::any().map(move || state.clone())
 }
 
-/// The request body, read up to `limit` bytes (413 beyond).
+/// The request body, read up to `limit` bytes (413 beyond). It must be
+/// declared JSON (415 otherwise), even when empty: a cross-site form or
+/// `text/plain` POST needs no CORS preflight, so the content type is part of
+/// the CSRF defence.
 fn body(
     limit: u64,
 ) -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error = Rejection> + Clone {
@@ -103,23 +113,23 @@ fn body(
                 if len.is_some_and(|n| n > limit) {
                     return Err(ApiError::PayloadTooLarge(limit));
                 }
-                let bytes = collect(stream, limit).await?;
-                if !bytes.is_empty() {
-                    if let Some(ct) = ctype {
-                        let essence = ct
-                            .split(';')
-                            .next()
-                            .unwrap_or("")
-                            .trim()
-                            .to_ascii_lowercase();
-                        if essence != "application/json" && !essence.ends_with("+json") {
-                            return Err(ApiError::UnsupportedMediaType(format!(
-                                "Content-Type {ct:?} is not JSON; send application/json"
-                            )));
-                        }
-                    }
+                let Some(ct) = ctype else {
+                    return Err(ApiError::UnsupportedMediaType(
+                        "no Content-Type; send application/json".into(),
+                    ));
+                };
+                let essence = ct
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase();
+                if essence != "application/json" && !essence.ends_with("+json") {
+                    return Err(ApiError::UnsupportedMediaType(format!(
+                        "Content-Type {ct:?} is not JSON; send application/json"
+                    )));
                 }
-                Ok(bytes)
+                collect(stream, limit).await
             },
         )
 }

@@ -207,3 +207,25 @@ pub fn describe_exit(status: &ExitStatus) -> String {
         "unknown exit".to_string()
     }
 }
+
+/// `path` made absolute against the current directory with `.` and `..`
+/// folded, without touching the filesystem (symlinks are not resolved).
+pub fn lexical_absolute(path: &std::path::Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let base = if path.is_absolute() {
+        std::path::PathBuf::new()
+    } else {
+        std::env::current_dir().unwrap_or_else(|_| "/".into())
+    };
+    let mut out = base;
+    for part in path.components() {
+        match part {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}

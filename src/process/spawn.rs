@@ -2,8 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use bytes::Bytes;
@@ -27,6 +27,9 @@ pub struct SpawnSpec {
     pub env: Vec<(String, String)>,
     /// Working directory.
     pub cwd: Option<PathBuf>,
+    /// Set when a client chose `cwd`: it must still lie under one of these
+    /// roots when the child starts, whatever happened to the path since.
+    pub cwd_roots: Option<Vec<PathBuf>>,
     /// One pipe for stdout and stderr.
     pub merge_stderr: bool,
 }
@@ -52,6 +55,31 @@ pub fn child_env(profile: &AgentProfile) -> Vec<(String, String)> {
     env.into_iter().collect()
 }
 
+/// Opens `cwd` and checks that the directory it names now (symlinks
+/// resolved, as the kernel sees the open handle) lies under one of `roots`.
+fn open_under(cwd: &Path, roots: &[PathBuf]) -> io::Result<std::fs::File> {
+    let refused = || {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("cwd {} is not under the profile's cwd_roots", cwd.display()),
+        )
+    };
+    let dir = std::fs::File::open(cwd).map_err(|_| refused())?;
+    if !dir.metadata()?.is_dir() {
+        return Err(refused());
+    }
+    let real = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd()))?;
+    let inside = roots
+        .iter()
+        .filter_map(|r| std::fs::canonicalize(r).ok())
+        .any(|root| real.starts_with(root));
+    if inside {
+        Ok(dir)
+    } else {
+        Err(refused())
+    }
+}
+
 pub(super) fn spawn(spec: &SpawnSpec) -> io::Result<ChildProcess> {
     let (program, args) = spec
         .argv
@@ -73,18 +101,30 @@ pub(super) fn spawn(spec: &SpawnSpec) -> io::Result<ChildProcess> {
         Some(err_read)
     };
     cmd.stdout(Stdio::from(out_write));
-    if let Some(cwd) = &spec.cwd {
-        cmd.current_dir(cwd);
-    }
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    let dir = match (&spec.cwd, &spec.cwd_roots) {
+        (Some(cwd), Some(roots)) => Some(open_under(cwd, roots)?),
+        (Some(cwd), None) => {
+            cmd.current_dir(cwd);
+            None
+        }
+        (None, _) => None,
+    };
+    let dir_fd = dir.as_ref().map(|d| d.as_raw_fd());
+    // SAFETY: prctl and fchdir are async-signal-safe; nothing else runs between fork and exec.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
+            // The directory checked above, by handle: a path swapped for a
+            // symlink since cannot move the child elsewhere.
+            if let Some(fd) = dir_fd {
+                nix::unistd::fchdir(fd).map_err(io::Error::from)?;
+            }
             // If the gateway dies without cleaning up, the leader dies with it.
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
                 .map_err(io::Error::from)
         });
     }
     let mut child = cmd.spawn()?;
+    drop(dir);
     // The write ends live in `cmd`; drop them so EOF arrives when the child's copies close.
     drop(cmd);
     let pid = child

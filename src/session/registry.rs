@@ -301,23 +301,31 @@ impl Registry {
 /// The working directory a session asked for, if it lies under one of the profile's roots.
 fn resolve_cwd(profile: &AgentProfile, cwd: Option<&str>) -> Result<Option<PathBuf>, ApiError> {
     let Some(cwd) = cwd else { return Ok(None) };
-    let path = std::fs::canonicalize(cwd)
-        .map_err(|e| ApiError::BadRequest(format!("cwd {cwd:?}: {e}")))?;
-    if !path.is_dir() {
-        return Err(ApiError::BadRequest(format!(
-            "cwd {cwd:?} is not a directory"
-        )));
-    }
-    let allowed = profile
+    let outside = || {
+        ApiError::BadRequest(format!(
+            "cwd {cwd:?} is not an existing directory under an allowed root of profile {:?} (cwd_roots)",
+            profile.name
+        ))
+    };
+    let roots: Vec<PathBuf> = profile
         .cwd_roots
         .iter()
         .filter_map(|r| std::fs::canonicalize(r).ok())
-        .any(|root| path.starts_with(root));
-    if !allowed {
-        return Err(ApiError::BadRequest(format!(
-            "cwd {cwd:?} is not under an allowed root of profile {:?} (cwd_roots)",
-            profile.name
-        )));
+        .collect();
+    // The root check comes first, on the path as written (`..` folded), so
+    // the answer for a path outside every root says nothing about whether it exists.
+    let written = crate::process::lexical_absolute(std::path::Path::new(cwd));
+    let under_written = |root: &PathBuf| {
+        written.starts_with(root) || written.starts_with(crate::process::lexical_absolute(root))
+    };
+    if !roots.iter().chain(&profile.cwd_roots).any(under_written) {
+        return Err(outside());
+    }
+    // Then symlinks: the directory itself must lie under a root too. The
+    // spawn checks again, by handle, every time a child starts.
+    let path = std::fs::canonicalize(cwd).map_err(|_| outside())?;
+    if !path.is_dir() || !roots.iter().any(|root| path.starts_with(root)) {
+        return Err(outside());
     }
     Ok(Some(path))
 }

@@ -19,6 +19,68 @@ pub fn agentgate_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_agentgate"))
 }
 
+/// A command for the real binary, sealed from the machine that runs the
+/// tests: no `AGENTGATE_*` variable of the runner reaches it (a token, a
+/// default agent, a claude binary), no `claude` on `PATH` becomes an agent,
+/// and `HOME` is `home`. Settings a test adds afterwards apply.
+pub fn sealed_command(home: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(agentgate_bin());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("AGENTGATE_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env(
+        "AGENTGATE_CLAUDE_BIN",
+        "/nonexistent/agentgate-tests/claude",
+    )
+    .env("HOME", home);
+    cmd
+}
+
+/// A child process that is killed and reaped when dropped, so a test that
+/// panics leaves no gateway behind.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The first line the binary writes to `stdout` (its address), read on a
+/// thread: a binary that never prints fails the test after `limit` instead of
+/// hanging it. The rest of stdout is drained so the binary never blocks.
+pub fn first_line(stdout: std::process::ChildStdout, limit: Duration) -> String {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let _ = tx.send(line);
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("the binary printed no line within {limit:?}"))
+}
+
 /// Profiles used across tests: python3 REPL, sed, a shell with a grandchild.
 pub const PROFILES: &str = r#"
 [agents.python]
@@ -234,8 +296,9 @@ pub struct SseItem {
     pub retry: Option<u64>,
 }
 
-/// Reads SSE items from `res` until `done` returns true for one, the stream
-/// ends, or `limit` passes (which fails the test).
+/// Reads SSE items from `res` until `done` returns true for one. A stream
+/// that ends first, or `limit` passing, fails the test: a caller never
+/// mistakes a cut-off stream for the events it waited for.
 pub async fn read_sse(
     res: reqwest::Response,
     limit: Duration,
@@ -263,7 +326,7 @@ pub async fn read_sse(
             Ok(Some(chunk)) => {
                 buf.push_str(std::str::from_utf8(&chunk.unwrap()).expect("SSE is UTF-8"))
             }
-            Ok(None) => return items,
+            Ok(None) => panic!("SSE: the stream ended before a match; got {items:#?}"),
             Err(_) => panic!("SSE: nothing matched within {limit:?}; got {items:#?}"),
         }
     }

@@ -90,16 +90,18 @@ pub const ENV_REMOVE: &[&str] = &[
 /// The CLI version the tests are pinned to (`tests/claude/package.json`).
 pub const CLAUDE_VERSION: &str = "2.1.330";
 
-/// Path of the `claude` binary the tests run: `$AGENTGATE_CLAUDE_BIN` if set,
-/// else `tests/claude/node_modules/.bin/claude`.
+/// Path of the `claude` binary the tests run: `$AGENTGATE_TEST_CLAUDE_BIN` if
+/// set, else `tests/claude/node_modules/.bin/claude`. The variable is read by
+/// this harness only: the gateway's own `AGENTGATE_CLAUDE_BIN` would make
+/// `claude` the default agent of every gateway a test starts, with no mock.
 ///
 /// Panics (failing the test, never skipping it) when neither exists.
 pub fn claude_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("AGENTGATE_CLAUDE_BIN") {
+    if let Some(p) = std::env::var_os("AGENTGATE_TEST_CLAUDE_BIN") {
         let p = PathBuf::from(p);
         assert!(
             p.is_file(),
-            "AGENTGATE_CLAUDE_BIN={} does not exist; unset it or run scripts/install-claude.sh",
+            "AGENTGATE_TEST_CLAUDE_BIN={} does not exist; unset it or run scripts/install-claude.sh",
             p.display()
         );
         return p;
@@ -108,7 +110,7 @@ pub fn claude_bin() -> PathBuf {
     assert!(
         p.exists(),
         "the Claude Code CLI is not installed at {}: run scripts/install-claude.sh \
-         (or set AGENTGATE_CLAUDE_BIN to a claude {CLAUDE_VERSION} binary)",
+         (or set AGENTGATE_TEST_CLAUDE_BIN to a claude {CLAUDE_VERSION} binary)",
         p.display()
     );
     p
