@@ -18,10 +18,11 @@ use uuid::Uuid;
 
 use super::prewarm::spawn_spec;
 use super::{CloseReason, Command, Registry, SessionShared};
+use crate::content::Content;
 use crate::error::ApiError;
 use crate::model::{
     FailureCode, Message, MessageError, MessageStatus, PermissionBehavior, PermissionDecision,
-    SessionState,
+    SessionState, UpdateSession,
 };
 use crate::oneshot::RunResult;
 use crate::process::{describe_exit, ChildEvent, ChildProcess};
@@ -31,6 +32,8 @@ use crate::protocol::{self, Adapter, Outcome, Signal};
 const STDERR_TAIL: usize = 4096;
 /// Longest wait for a child's start-up prompt.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for the answer to a control request (`PATCH`).
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Child {
     proc: ChildProcess,
@@ -38,12 +41,14 @@ struct Child {
     ready: bool,
     /// Being ended on purpose: takes no messages, its exit is no crash.
     retiring: bool,
+    /// Whether it printed anything yet (the stall watchdog starts then).
+    spoke: bool,
     ready_deadline: Instant,
 }
 
 struct Queued {
     id: Uuid,
-    content: String,
+    content: Content,
     timeout: Duration,
 }
 
@@ -52,6 +57,8 @@ enum StopReason {
     Interrupted,
     Timeout,
     OutputLimit,
+    /// No output for the profile's `stall_timeout`: the child is ended.
+    Stalled,
 }
 
 struct Current {
@@ -74,6 +81,16 @@ struct Current {
 
 struct Pending {
     input: Value,
+    deadline: Instant,
+}
+
+/// A `PATCH` waiting for the live child to answer its control requests.
+struct PendingUpdate {
+    /// Our control request ids, with the option each one changes.
+    waiting: Vec<(String, &'static str)>,
+    refused: Option<String>,
+    update: UpdateSession,
+    reply: tokio::sync::oneshot::Sender<Result<(), ApiError>>,
     deadline: Instant,
 }
 
@@ -106,6 +123,7 @@ pub(super) struct Actor {
     exits: VecDeque<Instant>,
     permissions: HashMap<String, Pending>,
     fallback: Option<FallbackRun>,
+    updates: Vec<PendingUpdate>,
     closed: bool,
     /// Whether this session ever had a child (a later one is a restart).
     had_child: bool,
@@ -130,6 +148,7 @@ impl Actor {
             exits: VecDeque::new(),
             permissions: HashMap::new(),
             fallback: None,
+            updates: Vec::new(),
             closed: false,
             had_child: false,
             span: tracing::Span::none(),
@@ -290,10 +309,187 @@ impl Actor {
                 self.close(reason).await;
                 let _ = reply.send(());
             }
+            Command::Update { update, reply } => self.update(update, reply),
         }
     }
 
-    fn enqueue(&mut self, content: String, timeout: Option<Duration>) -> Result<Message, ApiError> {
+    /// `PATCH`: a live child gets `set_model` / `set_permission_mode` and the
+    /// change is kept once it says yes; without a child it is kept at once
+    /// (the next child starts with it).
+    fn update(
+        &mut self,
+        update: UpdateSession,
+        reply: tokio::sync::oneshot::Sender<Result<(), ApiError>>,
+    ) {
+        let mut waiting = Vec::new();
+        if let Some(c) = self.child.as_mut().filter(|c| !c.retiring) {
+            let requests = [
+                (
+                    "model",
+                    update
+                        .model
+                        .as_ref()
+                        .map(|m| json!({"subtype": "set_model", "model": m})),
+                ),
+                (
+                    "permission_mode",
+                    update
+                        .permission_mode
+                        .as_ref()
+                        .map(|m| json!({"subtype": "set_permission_mode", "mode": m})),
+                ),
+            ];
+            for (field, request) in requests {
+                if let Some((id, bytes)) = request.and_then(|r| c.adapter.control(r)) {
+                    c.proc.write(bytes);
+                    waiting.push((id, field));
+                }
+            }
+        }
+        if waiting.is_empty() {
+            self.keep_update(&update, &["model", "permission_mode"]);
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        self.updates.push(PendingUpdate {
+            waiting,
+            refused: None,
+            update,
+            reply,
+            deadline: Instant::now() + CONTROL_TIMEOUT,
+        });
+    }
+
+    /// Keeps `update` in the session: title, metadata and the `fields` the agent accepted.
+    fn keep_update(&self, update: &UpdateSession, fields: &[&str]) {
+        let mut s = self.shared.status();
+        if fields.contains(&"model") && update.model.is_some() {
+            s.options.model = update.model.clone();
+        }
+        if fields.contains(&"permission_mode") && update.permission_mode.is_some() {
+            s.options.permission_mode = update.permission_mode.clone();
+        }
+        if fields.len() == 2 {
+            if let Some(t) = &update.title {
+                s.title = Some(t.clone());
+            }
+            if let Some(m) = &update.metadata {
+                s.metadata = Some(m.clone());
+            }
+        }
+    }
+
+    /// The child answered control request `id`.
+    fn control_answered(&mut self, id: &str, error: Option<String>) {
+        let Some(i) = self
+            .updates
+            .iter()
+            .position(|u| u.waiting.iter().any(|(w, _)| w == id))
+        else {
+            return;
+        };
+        let u = &mut self.updates[i];
+        let at = u
+            .waiting
+            .iter()
+            .position(|(w, _)| w == id)
+            .expect("found above");
+        let (_, field) = u.waiting.remove(at);
+        match error {
+            Some(e) => u.refused = Some(format!("the agent refused the {field} change: {e}")),
+            None => {
+                let update = u.update.clone();
+                self.keep_update(&update, &[field]);
+            }
+        }
+        if self.updates[i].waiting.is_empty() {
+            self.end_update(i);
+        }
+    }
+
+    /// Answers pending update `i`: refused, or kept whole.
+    fn end_update(&mut self, i: usize) {
+        let u = self.updates.remove(i);
+        let result = match u.refused {
+            Some(why) => Err(ApiError::AgentRefused(why)),
+            None => {
+                self.keep_update(&u.update, &["model", "permission_mode"]);
+                Ok(())
+            }
+        };
+        let _ = u.reply.send(result);
+    }
+
+    /// The child is gone: pending changes are kept for the next one.
+    fn child_gone_updates(&mut self) {
+        for u in std::mem::take(&mut self.updates) {
+            self.keep_update(&u.update, &["model", "permission_mode"]);
+            let _ = u.reply.send(Ok(()));
+        }
+    }
+
+    /// Argv added to the profile's: the session's options, and
+    /// `--fork-session` while a fork has no conversation of its own yet.
+    fn launch_args(&self) -> Vec<String> {
+        let s = self.shared.status();
+        let mut argv = s.options.argv();
+        if s.fork_from.is_some() && s.agent_session_id.is_some() {
+            argv.push("--fork-session".into());
+        }
+        argv
+    }
+
+    /// Records the agent's conversation id; a fork has its own once it differs from its parent's.
+    fn set_agent_session_id(&self, id: String) {
+        let mut s = self.shared.status();
+        if s.fork_from.as_ref().is_some_and(|f| *f != id) {
+            s.fork_from = None;
+        }
+        s.agent_session_id = Some(id);
+    }
+
+    /// Adds this message's `cost_usd` to `usage`: claude reports a running
+    /// total, so a message's cost is the growth since the last one (or the
+    /// whole total when it shrank: a new conversation). Counts it in metrics.
+    fn with_cost(&self, mut usage: Value) -> Value {
+        let Some(total) = usage["total_cost_usd"].as_f64() else {
+            return usage;
+        };
+        let cost = {
+            let mut s = self.shared.status();
+            let cost = match s.last_total_cost {
+                Some(last) if total >= last => total - last,
+                _ => total,
+            };
+            s.last_total_cost = Some(total);
+            cost
+        };
+        usage["cost_usd"] = json!(cost);
+        self.registry
+            .metrics
+            .usage(&self.shared.profile.name, &usage["usage"], cost);
+        usage
+    }
+
+    /// The stall watchdog's limit for the running message, if it applies
+    /// now: not in fallback runs, not while the agent waits for a permission
+    /// answer (silence is expected then), and not before a new child printed
+    /// anything (start-up can take seconds on a loaded machine; the message
+    /// timeout covers a child that never starts).
+    fn stall_after(&self) -> Option<Duration> {
+        let cur = self.current.as_ref()?;
+        let spoke = self.child.as_ref().is_some_and(|c| c.spoke);
+        if cur.fallback || cur.stop.is_some() || !self.permissions.is_empty() || !spoke {
+            return None;
+        }
+        self.shared.profile.stall_timeout
+    }
+
+    fn enqueue(
+        &mut self,
+        content: Content,
+        timeout: Option<Duration>,
+    ) -> Result<Message, ApiError> {
         let max_queue = self.registry.config.max_queue;
         let busy = self.current.is_some() || !self.queue.is_empty();
         if busy && self.queue.len() >= max_queue {
@@ -392,7 +588,7 @@ impl Actor {
             let q = self.queue.pop_front().expect("non-empty");
             self.sync_queued();
             let child = self.child.as_mut().expect("checked above");
-            let input = child.adapter.frame(&q.content);
+            let input = child.adapter.frame_content(&q.content);
             child.proc.write(input);
             let now = Instant::now();
             self.current = Some(Current {
@@ -423,7 +619,8 @@ impl Actor {
         let profile = &self.shared.profile;
         let resume = self.shared.status().agent_session_id.clone();
         self.registry.make_room(self.shared.id);
-        let spec = spawn_spec(profile, self.shared.cwd.clone(), resume.as_deref());
+        let mut spec = spawn_spec(profile, self.shared.cwd.clone(), resume.as_deref());
+        spec.argv.extend(self.launch_args());
         // Under the session's span only: the child outlives the message that started it.
         let spawned = self.span.in_scope(|| ChildProcess::spawn(&spec));
         self.registry
@@ -450,6 +647,7 @@ impl Actor {
             adapter,
             ready,
             retiring: false,
+            spoke: false,
             ready_deadline: Instant::now() + READY_TIMEOUT.min(profile.timeout),
         });
         self.set_state(SessionState::Starting, None);
@@ -462,12 +660,13 @@ impl Actor {
     fn start_fallback(&mut self, q: Queued) {
         let profile = self.shared.profile.clone();
         let resume = self.shared.status().agent_session_id.clone();
-        let argv = profile.oneshot_argv(resume.as_deref());
+        let mut argv = profile.oneshot_argv(resume.as_deref());
+        argv.extend(self.launch_args());
         let cwd = self.shared.cwd.clone();
         let max_output = self.registry.config.max_output;
         let (tx, rx) = mpsc::unbounded_channel();
         let timeout = q.timeout;
-        let content = q.content;
+        let content = q.content.text();
         let task = tokio::spawn(async move {
             let result =
                 crate::oneshot::run(&profile, argv, cwd, &content, timeout, max_output, |s| {
@@ -520,7 +719,7 @@ impl Actor {
                     .metrics
                     .spawned(crate::metrics::SpawnKind::Fallback, !spawn_failed);
                 if let Some(id) = result.agent_session_id.clone() {
-                    self.shared.status().agent_session_id = Some(id);
+                    self.set_agent_session_id(id);
                 }
                 let outcome = match result.error {
                     None => Ok(Some(result.output)),
@@ -600,6 +799,10 @@ impl Actor {
         request_id: &str,
         decision: &PermissionDecision,
     ) -> Result<(), ApiError> {
+        // Silence while the agent waited for this answer is no stall.
+        if let Some(cur) = self.current.as_mut() {
+            cur.last_output = Instant::now();
+        }
         let pending = self.permissions.remove(request_id).ok_or_else(|| {
             ApiError::NotFound(format!("no open permission request {request_id:?}"))
         })?;
@@ -621,6 +824,9 @@ impl Actor {
     async fn output(&mut self, signals: Vec<Signal>) {
         if let Some(cur) = self.current.as_mut() {
             cur.last_output = Instant::now();
+        }
+        if let Some(c) = self.child.as_mut() {
+            c.spoke = true;
         }
         self.apply(signals).await;
     }
@@ -650,6 +856,7 @@ impl Actor {
                 }
                 self.apply(signals).await;
                 let retiring = self.child.take().is_some_and(|c| c.retiring);
+                self.child_gone_updates();
                 self.registry.child_stopped();
                 self.permissions.clear();
                 let exit = describe_exit(&status);
@@ -723,8 +930,9 @@ impl Actor {
                         json!({"message_id": id, "event": event}),
                     );
                 }
-                Signal::AgentSessionId(id) => {
-                    self.shared.status().agent_session_id = Some(id);
+                Signal::AgentSessionId(id) => self.set_agent_session_id(id),
+                Signal::ControlResponse { request_id, error } => {
+                    self.control_answered(&request_id, error)
                 }
                 Signal::PermissionRequest {
                     request_id,
@@ -750,7 +958,11 @@ impl Actor {
                     self.permissions.remove(&request_id);
                 }
                 Signal::ConversationLost => {
-                    let lost = self.shared.status().agent_session_id.take();
+                    let lost = {
+                        let mut s = self.shared.status();
+                        s.fork_from = None;
+                        s.agent_session_id.take()
+                    };
                     tracing::warn!(session_id = %self.shared.id, agent_session_id = ?lost, "the agent's conversation cannot be resumed; the next child starts a new one");
                     // This child exits by itself; give it no more messages.
                     self.retire_child(Sig::SIGTERM);
@@ -801,6 +1013,17 @@ impl Actor {
                     ),
                 }),
             ),
+            (Some(StopReason::Stalled), _) => (
+                MessageStatus::Failed,
+                cur.output,
+                Some(MessageError {
+                    code: FailureCode::Stalled,
+                    detail: format!(
+                        "no output from the agent for {} (stall_timeout); the child was ended, the next message resumes the conversation",
+                        humantime::format_duration(self.shared.profile.stall_timeout.unwrap_or_default())
+                    ),
+                }),
+            ),
             (Some(StopReason::OutputLimit), _) => (
                 MessageStatus::Failed,
                 cur.output,
@@ -819,6 +1042,7 @@ impl Actor {
                 Some(MessageError { code, detail }),
             ),
         };
+        let usage = usage.map(|u| self.with_cost(u));
         self.update_message(cur.id, |m| {
             m.status = status;
             m.output = output.clone();
@@ -890,6 +1114,7 @@ impl Actor {
                 if let Some(q) = self.child.as_ref().and_then(|c| c.adapter.quiet_after()) {
                     consider(Some(cur.last_output + q));
                 }
+                consider(self.stall_after().map(|d| cur.last_output + d));
             }
             consider(cur.kill_at);
         }
@@ -899,13 +1124,27 @@ impl Actor {
             }
         }
         consider(self.permissions.values().map(|p| p.deadline).min());
+        consider(self.updates.iter().map(|u| u.deadline).min());
         next
     }
 
     async fn timers(&mut self) {
         let now = Instant::now();
         let mut signals = Vec::new();
+        while let Some(i) = self.updates.iter().position(|u| now >= u.deadline) {
+            self.updates[i].refused = Some("the agent did not answer the change in time".into());
+            self.end_update(i);
+        }
+        let stall = self.stall_after();
+        let grace = self.shared.profile.interrupt_grace;
         if let Some(cur) = self.current.as_mut() {
+            if stall.is_some_and(|d| now >= cur.last_output + d) {
+                tracing::warn!(session_id = %self.shared.id, message_id = %cur.id, "no output from the child for stall_timeout; ending it");
+                cur.stop = Some(StopReason::Stalled);
+                cur.kill_at = Some(now + grace);
+                self.retire_child(Sig::SIGTERM);
+                return;
+            }
             if cur.stop.is_none() && now >= cur.deadline {
                 tracing::info!(session_id = %self.shared.id, message_id = %cur.id, "message timed out");
                 self.request_stop(StopReason::Timeout).await;
@@ -949,6 +1188,7 @@ impl Actor {
     }
 
     async fn stop_child(&mut self) {
+        self.child_gone_updates();
         if let Some(child) = self.child.take() {
             let pid = child.proc.pid();
             let status = child.proc.stop(self.shared.profile.stop_grace).await;
