@@ -84,6 +84,15 @@ struct Pending {
     deadline: Instant,
 }
 
+/// What of a `PATCH` to keep.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    /// Everything it changes.
+    All,
+    /// Only this option (the agent accepted it; another part may still be pending).
+    Option(&'static str),
+}
+
 /// A `PATCH` waiting for the live child to answer its control requests.
 struct PendingUpdate {
     /// Our control request ids, with the option each one changes.
@@ -347,7 +356,7 @@ impl Actor {
             }
         }
         if waiting.is_empty() {
-            self.keep_update(&update, &["model", "permission_mode"]);
+            self.keep_update(&update, Keep::All);
             let _ = reply.send(Ok(()));
             return;
         }
@@ -360,16 +369,17 @@ impl Actor {
         });
     }
 
-    /// Keeps `update` in the session: title, metadata and the `fields` the agent accepted.
-    fn keep_update(&self, update: &UpdateSession, fields: &[&str]) {
+    /// Keeps `update` in the session, all of it or the one option the agent accepted.
+    fn keep_update(&self, update: &UpdateSession, keep: Keep) {
         let mut s = self.shared.status();
-        if fields.contains(&"model") && update.model.is_some() {
+        let all = keep == Keep::All;
+        if (all || keep == Keep::Option("model")) && update.model.is_some() {
             s.options.model = update.model.clone();
         }
-        if fields.contains(&"permission_mode") && update.permission_mode.is_some() {
+        if (all || keep == Keep::Option("permission_mode")) && update.permission_mode.is_some() {
             s.options.permission_mode = update.permission_mode.clone();
         }
-        if fields.len() == 2 {
+        if all {
             if let Some(t) = &update.title {
                 s.title = Some(t.clone());
             }
@@ -399,7 +409,7 @@ impl Actor {
             Some(e) => u.refused = Some(format!("the agent refused the {field} change: {e}")),
             None => {
                 let update = u.update.clone();
-                self.keep_update(&update, &[field]);
+                self.keep_update(&update, Keep::Option(field));
             }
         }
         if self.updates[i].waiting.is_empty() {
@@ -413,7 +423,7 @@ impl Actor {
         let result = match u.refused {
             Some(why) => Err(ApiError::AgentRefused(why)),
             None => {
-                self.keep_update(&u.update, &["model", "permission_mode"]);
+                self.keep_update(&u.update, Keep::All);
                 Ok(())
             }
         };
@@ -423,7 +433,7 @@ impl Actor {
     /// The child is gone: pending changes are kept for the next one.
     fn child_gone_updates(&mut self) {
         for u in std::mem::take(&mut self.updates) {
-            self.keep_update(&u.update, &["model", "permission_mode"]);
+            self.keep_update(&u.update, Keep::All);
             let _ = u.reply.send(Ok(()));
         }
     }

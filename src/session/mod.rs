@@ -175,11 +175,17 @@ impl SessionShared {
         self.status().options.clone()
     }
 
-    /// What a fork of it starts from: history, options, conversation id, last total cost.
+    /// What a fork of it starts from: its finished messages (one still
+    /// running or queued belongs to the parent alone), options,
+    /// conversation id, last total cost.
     pub(crate) fn fork_seed(&self) -> (Vec<Message>, SessionOptions, Option<String>, Option<f64>) {
         let s = self.status();
         (
-            s.messages.clone(),
+            s.messages
+                .iter()
+                .filter(|m| m.status.is_terminal())
+                .cloned()
+                .collect(),
             s.options.clone(),
             s.agent_session_id.clone(),
             s.last_total_cost,
