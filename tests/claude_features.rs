@@ -263,6 +263,21 @@ async fn an_option_the_profile_does_not_allow_is_400_naming_it() {
         .as_array()
         .unwrap()
         .is_empty());
+    // PATCH of a `lines` session: title and metadata change, options are refused.
+    let sed = rig.gw.create("sed").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_problem(rig.patch(&sed, json!({"model": "haiku"})).await, 400).await;
+    let res = rig
+        .patch(&sed, json!({"title": "plain", "metadata": [1]}))
+        .await;
+    assert_eq!(res.status(), 200);
+    let s: Value = res.json().await.unwrap();
+    assert_eq!(
+        (s["title"].clone(), s["metadata"].clone()),
+        (json!("plain"), json!([1]))
+    );
     // What is allowed is taken.
     let s = rig
         .session_with(json!({"model": "haiku", "max_turns": 3}))
