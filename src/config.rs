@@ -70,6 +70,9 @@ pub struct Cli {
     /// Largest request body in bytes (413 beyond).
     #[arg(long, env = "AGENTGATE_MAX_BODY", default_value_t = 1 << 20)]
     pub max_body: u64,
+    /// Largest image in a message, in bytes once decoded (413 beyond).
+    #[arg(long, env = "AGENTGATE_MAX_IMAGE_BYTES", default_value_t = 5 << 20)]
+    pub max_image_bytes: usize,
     /// Largest reply per message in bytes (the message fails with `output_limit` beyond).
     #[arg(long, env = "AGENTGATE_MAX_OUTPUT", default_value_t = 16 << 20)]
     pub max_output: usize,
@@ -143,6 +146,14 @@ impl ProtocolKind {
             ProtocolKind::ClaudeStreamJson => "claude-stream-json",
         }
     }
+
+    /// Whether a message may carry images (as content blocks).
+    pub fn carries_images(self) -> bool {
+        match self {
+            ProtocolKind::Lines => false,
+            ProtocolKind::ClaudeStreamJson => true,
+        }
+    }
 }
 
 /// How the `lines` protocol recognises the end of a reply.
@@ -203,6 +214,11 @@ pub struct AgentProfile {
     pub permission_relay: bool,
     /// claude: deny a permission request nobody answered after this long.
     pub permission_timeout: Duration,
+    /// Session options clients may choose (`[agents.NAME.client_options]`).
+    pub client_options: crate::options::ClientOptions,
+    /// A running message whose child prints nothing for this long fails
+    /// with `stalled` and the child is ended; `None`: never.
+    pub stall_timeout: Option<Duration>,
 }
 
 impl AgentProfile {
@@ -276,6 +292,8 @@ struct RawProfile {
     restart_window: Option<String>,
     permission_relay: Option<bool>,
     permission_timeout: Option<String>,
+    client_options: Option<crate::options::ClientOptions>,
+    stall_timeout: Option<String>,
 }
 
 /// A configuration error: names the file, the profile and the field.
@@ -362,6 +380,8 @@ pub struct Config {
     pub max_body: u64,
     /// See [`Cli::max_output`].
     pub max_output: usize,
+    /// See [`Cli::max_image_bytes`].
+    pub max_image_bytes: usize,
     /// See [`Cli::replay_events`].
     pub replay_events: usize,
     /// See [`Cli::replay_bytes`].
@@ -388,6 +408,9 @@ fn default_max_connections() -> usize {
 }
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+/// claude's default `stall_timeout`: long enough for a slow model's first
+/// token, short enough that a silent child does not hold a session forever.
+const CLAUDE_STALL_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl Config {
     /// Resolves flags and the profile file. `self_exe` is the agentgate binary
@@ -449,6 +472,7 @@ impl Config {
             max_event_streams: cli.max_event_streams.max(1),
             max_body: cli.max_body,
             max_output: cli.max_output,
+            max_image_bytes: cli.max_image_bytes,
             replay_events: cli.replay_events.max(1),
             replay_bytes: cli.replay_bytes.max(1024),
             allow_origin: cli.allow_origin.clone(),
@@ -604,6 +628,24 @@ fn resolve_profile(file: &str, name: &str, raw: RawProfile) -> Result<AgentProfi
             return Err(err("env", format!("bad variable name {key:?}")));
         }
     }
+    let client_options = raw.client_options.unwrap_or_default();
+    if client_options.any() && raw.protocol != ProtocolKind::ClaudeStreamJson {
+        return Err(err(
+            "client_options",
+            "session options apply to `claude-stream-json` profiles only".into(),
+        ));
+    }
+    // claude's stream-json can go silent and never exit: watch it by default.
+    let stall_default = match raw.protocol {
+        ProtocolKind::ClaudeStreamJson => Some(CLAUDE_STALL_TIMEOUT),
+        ProtocolKind::Lines => None,
+    };
+    let stall_timeout = match &raw.stall_timeout {
+        Some(s) => {
+            Some(parse_duration(s).map_err(|e| err("stall_timeout", e))?).filter(|d| !d.is_zero())
+        }
+        None => stall_default,
+    };
     if let Some(cwd) = &raw.cwd {
         if !cwd.is_dir() {
             return Err(err("cwd", format!("{} is not a directory", cwd.display())));
@@ -645,6 +687,8 @@ fn resolve_profile(file: &str, name: &str, raw: RawProfile) -> Result<AgentProfi
             &raw.permission_timeout,
             Duration::from_secs(300),
         )?,
+        client_options,
+        stall_timeout,
     })
 }
 
@@ -677,6 +721,8 @@ pub fn demo_profile(self_exe: &Path) -> AgentProfile {
         restart_window: Duration::from_secs(600),
         permission_relay: false,
         permission_timeout: Duration::from_secs(300),
+        client_options: Default::default(),
+        stall_timeout: None,
     }
 }
 
@@ -719,6 +765,8 @@ pub fn claude_profile(bin: &Path) -> AgentProfile {
         restart_window: Duration::from_secs(600),
         permission_relay: true,
         permission_timeout: Duration::from_secs(300),
+        client_options: Default::default(),
+        stall_timeout: Some(CLAUDE_STALL_TIMEOUT),
     }
 }
 
@@ -786,6 +834,31 @@ mod tests {
         assert!(e.contains("unknown field") && e.contains("line"), "{e}");
         let e = parse("[agents.x]\ncommand=[]\nprotocol=\"lines\"\nquiet_ms=5\n").unwrap_err();
         assert!(e.contains("agents.x.command"), "{e}");
+    }
+
+    #[test]
+    fn client_options_and_stall_timeout() {
+        let p = parse(
+            r#"
+            [agents.c]
+            command = ["claude"]
+            protocol = "claude-stream-json"
+            stall_timeout = "2s"
+            [agents.c.client_options]
+            model = ["sonnet", "haiku"]
+            permission_mode = ["default", "plan"]
+            system_prompt = true
+            max_turns = 50
+            "#,
+        )
+        .unwrap();
+        let c = &p["c"];
+        assert_eq!(c.client_options.model, ["sonnet", "haiku"]);
+        assert_eq!(c.client_options.max_turns, Some(50));
+        assert!(!c.client_options.allowed_tools);
+        assert_eq!(c.stall_timeout, Some(Duration::from_secs(2)));
+        let e = parse("[agents.x]\ncommand=[\"a\"]\nprotocol=\"lines\"\nquiet_ms=5\n[agents.x.client_options]\nsystem_prompt=true\n").unwrap_err();
+        assert!(e.contains("agents.x.client_options"), "{e}");
     }
 
     #[test]

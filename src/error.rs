@@ -37,6 +37,12 @@ pub enum ApiError {
     /// The body is larger than `--max-body`.
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(u64),
+    /// Part of the body is too large (e.g. one image of a message).
+    #[error("{0}")]
+    ContentTooLarge(String),
+    /// The agent refused a request the gateway passed on (e.g. a model change).
+    #[error("{0}")]
+    AgentRefused(String),
     /// The body is not JSON.
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -73,7 +79,10 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Gone(_) => StatusCode::GONE,
-            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge(_) | ApiError::ContentTooLarge(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            ApiError::AgentRefused(_) => StatusCode::BAD_GATEWAY,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -93,7 +102,8 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => "method-not-allowed",
             ApiError::Conflict(_) => "conflict",
             ApiError::Gone(_) => "gone",
-            ApiError::PayloadTooLarge(_) => "payload-too-large",
+            ApiError::PayloadTooLarge(_) | ApiError::ContentTooLarge(_) => "payload-too-large",
+            ApiError::AgentRefused(_) => "agent-refused",
             ApiError::UnsupportedMediaType(_) => "unsupported-media-type",
             ApiError::TooManyRequests { .. } => "queue-full",
             ApiError::Unavailable(_) => "unavailable",

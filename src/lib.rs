@@ -5,6 +5,7 @@
 //!
 //! # Layout
 //! - [`config`] — flags (clap, `AGENTGATE_*` env), TOML agent profiles, the built-in `demo` and `claude` profiles.
+//! - [`content`] — message content: a string or text and image blocks, checked once when posted.
 //! - [`error`] — the one API error type; every variant names its HTTP status.
 //! - [`model`] — the JSON types of the API (what `openapi.yaml` describes).
 //! - [`process`] — spawning children in their own process group, reading their pipes, stopping them.
@@ -12,18 +13,21 @@
 //! - [`session`] — the registry of handles, the task that owns each child, the event log with replay, the reaper.
 //! - [`store`] — where sessions, messages and event logs outlive the process (SQLite, PostgreSQL, or memory).
 //! - [`oneshot`] — one process per request.
+//! - [`options`] — per-session agent options within the profile's `client_options`, each one `--flag=value` argv element.
 //! - [`http`] — warp routes, handlers, SSE, problem+json, and the guard in front of them (token, Host and Origin allowlists, CORS).
 //! - [`server`] — the connection loop: HTTP/1.1 on hyper, the connection cap, the header-read timeout, one authority per request.
 //! - [`demo`] — the built-in demo agent (`agentgate demo-agent`).
 //! - [`metrics`] — Prometheus series for `GET /metrics`: counted where things happen, levels read at scrape time.
 
 pub mod config;
+pub mod content;
 pub mod demo;
 pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod oneshot;
+pub mod options;
 pub mod process;
 pub mod protocol;
 pub mod server;

@@ -61,6 +61,20 @@ struct AgentLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    agent: String,
+    kind: &'static str,
+}
+
+/// Token kinds of claude's `usage`, and their `kind` label.
+const TOKEN_KINDS: [(&str, &str); 4] = [
+    ("input_tokens", "input"),
+    ("output_tokens", "output"),
+    ("cache_creation_input_tokens", "cache_creation"),
+    ("cache_read_input_tokens", "cache_read"),
+];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SpawnLabels {
     kind: &'static str,
     result: &'static str,
@@ -101,11 +115,12 @@ pub fn outcome(error: Option<FailureCode>) -> &'static str {
         Some(FailureCode::AgentError) => "agent_error",
         Some(FailureCode::OutputLimit) => "output_limit",
         Some(FailureCode::Shutdown) => "shutdown",
+        Some(FailureCode::Stalled) => "stalled",
     }
 }
 
 /// Every `outcome` label value.
-const OUTCOMES: [&str; 8] = [
+const OUTCOMES: [&str; 9] = [
     "completed",
     "timeout",
     "process_exited",
@@ -114,6 +129,7 @@ const OUTCOMES: [&str; 8] = [
     "agent_error",
     "output_limit",
     "shutdown",
+    "stalled",
 ];
 
 const STATES: [(SessionState, &str); 5] = [
@@ -144,6 +160,8 @@ pub struct Metrics {
     restarts: Counter,
     crashes: Counter,
     unattributed: Counter,
+    tokens: Family<TokenLabels, Counter>,
+    cost: Family<AgentLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -173,6 +191,8 @@ impl Metrics {
             restarts: Counter::default(),
             crashes: Counter::default(),
             unattributed: Counter::default(),
+            tokens: Family::default(),
+            cost: Family::default(),
         };
         let registry = &mut m.registry;
         registry.register("sessions", "Live sessions by state", m.sessions.clone());
@@ -253,6 +273,16 @@ impl Metrics {
             "Bytes a session child printed while no message of its session was running (after a reply ended, before the next was written): logged, never attributed to a message",
             m.unattributed.clone(),
         );
+        registry.register(
+            "tokens",
+            "Model tokens the agents reported, by agent and kind (input, output, cache_creation, cache_read)",
+            m.tokens.clone(),
+        );
+        registry.register(
+            "cost_usd",
+            "Cost in US dollars the agents reported, by agent",
+            m.cost.clone(),
+        );
         // Every known label value starts at zero, so a series exists before
         // its first event (a rate over a missing series is no rate at all).
         for code in OUTCOMES {
@@ -282,6 +312,27 @@ impl Metrics {
             }
         }
         m
+    }
+
+    /// A message of `agent` reported `usage` (claude's token counts) and cost.
+    pub fn usage(&self, agent: &str, usage: &serde_json::Value, cost_usd: f64) {
+        for (key, kind) in TOKEN_KINDS {
+            if let Some(n) = usage[key].as_u64() {
+                self.tokens
+                    .get_or_create(&TokenLabels {
+                        agent: agent.to_string(),
+                        kind,
+                    })
+                    .inc_by(n);
+            }
+        }
+        if cost_usd > 0.0 {
+            self.cost
+                .get_or_create(&AgentLabel {
+                    agent: agent.to_string(),
+                })
+                .inc_by(cost_usd);
+        }
     }
 
     /// A session was created.
@@ -455,6 +506,7 @@ mod tests {
             AgentError,
             OutputLimit,
             Shutdown,
+            Stalled,
         ] {
             let label = outcome(Some(code));
             assert!(OUTCOMES.contains(&label), "{label}");

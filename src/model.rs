@@ -71,6 +71,8 @@ pub enum FailureCode {
     OutputLimit,
     /// The gateway is shutting down.
     Shutdown,
+    /// The child printed nothing for the profile's `stall_timeout`.
+    Stalled,
 }
 
 /// `{code, detail}` of a failed message.
@@ -94,6 +96,48 @@ pub struct CreateSession {
     pub title: Option<String>,
     /// Free JSON for clients; stored and returned as is.
     pub metadata: Option<Value>,
+    /// Per-session agent options, each within the profile's `client_options`.
+    #[serde(default)]
+    pub options: crate::options::SessionOptions,
+}
+
+/// `PATCH /sessions/{id}` body: what changes; absent fields stay.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSession {
+    /// A new model (claude: a live child gets a `set_model` control request).
+    pub model: Option<String>,
+    /// A new permission mode (claude: `set_permission_mode`).
+    pub permission_mode: Option<String>,
+    /// A new title.
+    pub title: Option<String>,
+    /// New metadata (replaces the old).
+    pub metadata: Option<Value>,
+}
+
+/// `POST /sessions/{id}/fork` body (optional).
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkSession {
+    /// Title of the fork.
+    pub title: Option<String>,
+    /// Metadata of the fork.
+    pub metadata: Option<Value>,
+}
+
+/// Tokens and cost summed over a session's messages.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionUsage {
+    /// Input tokens.
+    pub input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// Input tokens written to the prompt cache.
+    pub cache_creation_input_tokens: u64,
+    /// Input tokens read from the prompt cache.
+    pub cache_read_input_tokens: u64,
+    /// Cost in US dollars as the agent reported it.
+    pub cost_usd: f64,
 }
 
 /// A session as the API shows it.
@@ -120,14 +164,20 @@ pub struct Session {
     pub message_count: usize,
     /// Messages waiting behind the running one.
     pub queued: usize,
-    /// Title given at creation.
+    /// Title given at creation or by `PATCH`.
     pub title: Option<String>,
-    /// Metadata given at creation.
+    /// Metadata given at creation or by `PATCH`.
     pub metadata: Option<Value>,
     /// The agent's own conversation id (claude: `session_id`), used to resume.
     pub agent_session_id: Option<String>,
     /// Working directory of the child.
     pub cwd: Option<String>,
+    /// The session's agent options (with `PATCH` changes).
+    pub options: crate::options::SessionOptions,
+    /// Tokens and cost summed over its messages.
+    pub usage: SessionUsage,
+    /// The session this one was forked from, if any.
+    pub forked_from: Option<Uuid>,
 }
 
 /// Reads a millisecond count written as an integer or as a float with no
@@ -147,8 +197,9 @@ fn millis<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Erro
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SendMessage {
-    /// The user's input.
-    pub content: String,
+    /// The user's input: a string, or a list of text and image blocks
+    /// (checked by [`crate::content::parse`]).
+    pub content: Value,
     /// Per-message timeout in milliseconds (default: the profile's).
     #[serde(default, deserialize_with = "millis")]
     pub timeout_ms: Option<u64>,
@@ -161,8 +212,8 @@ pub struct Message {
     pub id: Uuid,
     /// Session it belongs to.
     pub session_id: Uuid,
-    /// The content sent.
-    pub input: String,
+    /// The content sent (a string, or the list of blocks).
+    pub input: crate::content::Content,
     /// The reply so far (final once the status is terminal).
     pub output: String,
     /// Status.

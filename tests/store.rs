@@ -76,7 +76,7 @@ async fn round_trip(spec: StoreSpec) {
     assert_eq!(messages.len(), 2);
     assert_eq!(messages[0].output, "hello");
     assert_eq!(messages[0].status, MessageStatus::Completed);
-    assert_eq!(messages[1].input, "two");
+    assert_eq!(messages[1].input.text(), "two");
     let events = store.load_events(s.id).await.unwrap();
     assert_eq!(
         events.iter().map(|e| e.seq).collect::<Vec<_>>(),

@@ -19,8 +19,8 @@ use super::sse::{self, Scope};
 use super::{json_response, problem, AppState};
 use crate::error::ApiError;
 use crate::model::{
-    Agent, AgentList, CreateSession, FailureCode, Health, MessageList, MessageStatus,
-    OneshotRequest, OneshotResponse, PermissionDecision, SendMessage, SessionList,
+    Agent, AgentList, CreateSession, FailureCode, ForkSession, Health, MessageList, MessageStatus,
+    OneshotRequest, OneshotResponse, PermissionDecision, SendMessage, SessionList, UpdateSession,
 };
 use crate::session::EventLog;
 
@@ -197,6 +197,52 @@ pub async fn create_session(state: AppState, body: Result<Bytes, ApiError>) -> R
     )
 }
 
+/// `PATCH /sessions/{id}`
+pub async fn update_session(
+    id: String,
+    state: AppState,
+    body: Result<Bytes, ApiError>,
+) -> Response {
+    answer(
+        async {
+            let handle = state.registry.get(&id)?;
+            let update: UpdateSession = parse_json(body, false)?.expect("required body");
+            let profile = &handle.shared.profile;
+            let allow = &profile.client_options;
+            if let Some(m) = &update.model {
+                crate::options::check_choice("model", m, &allow.model, profile)?;
+            }
+            if let Some(m) = &update.permission_mode {
+                crate::options::check_choice(
+                    "permission_mode",
+                    m,
+                    &allow.permission_mode,
+                    profile,
+                )?;
+            }
+            handle.update(update).await?;
+            Ok(json_response(StatusCode::OK, &handle.shared.view()))
+        }
+        .await,
+    )
+}
+
+/// `POST /sessions/{id}/fork`
+pub async fn fork_session(id: String, state: AppState, body: Result<Bytes, ApiError>) -> Response {
+    answer(
+        async {
+            let req: ForkSession = parse_json(body, true)?.unwrap_or_default();
+            let handle = state.registry.fork(&id, req).await?;
+            let view = handle.shared.view();
+            Ok(with_location(
+                json_response(StatusCode::CREATED, &view),
+                format!("/sessions/{}", view.id),
+            ))
+        }
+        .await,
+    )
+}
+
 /// `GET /sessions`
 pub fn list_sessions(state: AppState) -> Response {
     let sessions = state
@@ -244,10 +290,25 @@ pub async fn send_message(
             let wait = query_bool(&q, "wait")?;
             let req: SendMessage = parse_json(body, false)?.expect("required body");
             let timeout = timeout_of(req.timeout_ms)?;
+            let content =
+                crate::content::parse(req.content, state.registry.config.max_image_bytes)?;
+            let profile = &handle.shared.profile;
+            if content.has_images() && !(profile.protocol.carries_images() && profile.persistent) {
+                return Err(ApiError::BadRequest(format!(
+                    "profile {:?} cannot take images (protocol {}{})",
+                    profile.name,
+                    profile.protocol.as_str(),
+                    if profile.persistent {
+                        ""
+                    } else {
+                        ", one-shot runs take text only"
+                    }
+                )));
+            }
             if wants_sse(&accept) {
                 // Subscribe first: the message's first events follow this point.
                 let sub = handle.shared.log.subscribe(handle.shared.log.last_seq());
-                let message = handle.send(req.content, timeout).await?;
+                let message = handle.send(content, timeout).await?;
                 let res = sse::response(
                     sub,
                     Scope::Message(message.id),
@@ -260,7 +321,7 @@ pub async fn send_message(
                     format!("/sessions/{id}/messages/{}", message.id),
                 ));
             }
-            let message = handle.send(req.content, timeout).await?;
+            let message = handle.send(content, timeout).await?;
             let location = format!("/sessions/{}/messages/{}", handle.id(), message.id);
             if wait {
                 let done = handle

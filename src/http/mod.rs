@@ -62,7 +62,8 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/", &["GET"]),
     ("/agents", &["GET"]),
     ("/sessions", &["GET", "POST"]),
-    ("/sessions/{id}", &["GET", "DELETE"]),
+    ("/sessions/{id}", &["GET", "DELETE", "PATCH"]),
+    ("/sessions/{id}/fork", &["POST"]),
     ("/sessions/{id}/messages", &["GET", "POST"]),
     ("/sessions/{id}/messages/{message_id}", &["GET"]),
     ("/sessions/{id}/interrupt", &["POST"]),
@@ -202,6 +203,16 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .and(warp::delete())
         .and(s())
         .then(handlers::delete_session);
+    let session_patch = warp::path!("sessions" / String)
+        .and(warp::patch())
+        .and(s())
+        .and(body(limit))
+        .then(handlers::update_session);
+    let session_fork = warp::path!("sessions" / String / "fork")
+        .and(warp::post())
+        .and(s())
+        .and(body(limit))
+        .then(handlers::fork_session);
     let messages_post = warp::path("sessions")
         .and(param::<String>())
         .and(warp::path("messages"))
@@ -264,6 +275,10 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .or(session_get)
         .unify()
         .or(session_delete)
+        .unify()
+        .or(session_patch)
+        .unify()
+        .or(session_fork)
         .unify()
         .or(messages_post)
         .unify()

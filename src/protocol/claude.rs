@@ -92,6 +92,20 @@ impl StreamJson {
                     }
                 }
             }
+            "control_response" => {
+                let r = &event["response"];
+                if let Some(id) = r["request_id"].as_str() {
+                    let error = (r["subtype"] != "success").then(|| {
+                        r["error"]
+                            .as_str()
+                            .map_or_else(|| r.to_string(), str::to_string)
+                    });
+                    out.push(Signal::ControlResponse {
+                        request_id: id.to_string(),
+                        error,
+                    });
+                }
+            }
             "control_cancel_request" => {
                 if let Some(id) = event["request_id"].as_str() {
                     out.push(Signal::PermissionCancelled(id.to_string()));
@@ -161,12 +175,9 @@ fn outcome_of(event: &Value) -> Outcome {
     Outcome { result, usage }
 }
 
-impl Adapter for StreamJson {
-    fn frame(&mut self, content: &str) -> Bytes {
+impl StreamJson {
+    fn user_line(&mut self, content: Value) -> Bytes {
         self.saw_partial = false;
-        if self.plain_input {
-            return Bytes::copy_from_slice(content.as_bytes());
-        }
         let mut line = serde_json::to_vec(&json!({
             "type": "user",
             "message": {"role": "user", "content": content},
@@ -174,6 +185,37 @@ impl Adapter for StreamJson {
         .expect("a JSON value serialises");
         line.push(b'\n');
         Bytes::from(line)
+    }
+}
+
+impl Adapter for StreamJson {
+    fn frame(&mut self, content: &str) -> Bytes {
+        if self.plain_input {
+            self.saw_partial = false;
+            return Bytes::copy_from_slice(content.as_bytes());
+        }
+        self.user_line(json!(content))
+    }
+
+    fn frame_content(&mut self, content: &crate::content::Content) -> Bytes {
+        if self.plain_input {
+            return self.frame(&content.text());
+        }
+        // The CLI passes a list of blocks on to the model as they are.
+        self.user_line(content.to_json())
+    }
+
+    fn control(&mut self, request: Value) -> Option<(String, Bytes)> {
+        self.next_request += 1;
+        let id = format!("agentgate-control-{}", self.next_request);
+        let mut line = serde_json::to_vec(&json!({
+            "type": "control_request",
+            "request_id": id,
+            "request": request,
+        }))
+        .expect("a JSON value serialises");
+        line.push(b'\n');
+        Some((id, Bytes::from(line)))
     }
 
     fn stdout(&mut self, chunk: &[u8], out: &mut Vec<Signal>) {
@@ -364,6 +406,31 @@ mod tests {
         let v: Value = serde_json::from_slice(&deny).unwrap();
         assert_eq!(v["response"]["response"]["behavior"], "deny");
         assert!(v["response"]["response"]["message"].is_string());
+    }
+
+    #[test]
+    fn blocks_and_control_requests() {
+        let mut a = StreamJson::new();
+        let blocks = crate::content::Content::Blocks(vec![json!({"type": "text", "text": "hi"})]);
+        let v: Value = serde_json::from_slice(&a.frame_content(&blocks)).unwrap();
+        assert_eq!(v["message"]["content"][0]["text"], "hi");
+        let (id, bytes) = a
+            .control(json!({"subtype": "set_model", "model": "haiku"}))
+            .unwrap();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["request_id"], id.as_str());
+        assert_eq!(v["request"]["model"], "haiku");
+        let ok = format!("{{\"type\":\"control_response\",\"response\":{{\"subtype\":\"success\",\"request_id\":\"{id}\"}}}}\n");
+        let bad = "{\"type\":\"control_response\",\"response\":{\"subtype\":\"error\",\"request_id\":\"x\",\"error\":\"invalid_mode\"}}\n";
+        let out = feed(&mut a, &format!("{ok}{bad}"));
+        assert!(out.contains(&Signal::ControlResponse {
+            request_id: id,
+            error: None
+        }));
+        assert!(out.contains(&Signal::ControlResponse {
+            request_id: "x".into(),
+            error: Some("invalid_mode".into())
+        }));
     }
 
     #[test]

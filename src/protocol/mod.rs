@@ -39,6 +39,13 @@ pub enum Signal {
     },
     /// The agent withdrew a permission request.
     PermissionCancelled(String),
+    /// The agent answered a control request of ours (`error`: why it refused).
+    ControlResponse {
+        /// Id of our request.
+        request_id: String,
+        /// `None` on success, else the agent's reason.
+        error: Option<String>,
+    },
     /// The agent could not resume its conversation (it no longer exists);
     /// the next child must start a new one.
     ConversationLost,
@@ -73,6 +80,16 @@ impl Outcome {
 pub trait Adapter: Send {
     /// Frames `content` as one message and notes that a reply is expected.
     fn frame(&mut self, content: &str) -> Bytes;
+    /// Frames structured content (text and image blocks). Protocols without
+    /// blocks get the text; images never reach them (refused when posted).
+    fn frame_content(&mut self, content: &crate::content::Content) -> Bytes {
+        self.frame(&content.text())
+    }
+    /// A control request to the agent (e.g. claude's `set_model`): its id
+    /// and bytes, or `None` if the protocol has no such thing.
+    fn control(&mut self, _request: Value) -> Option<(String, Bytes)> {
+        None
+    }
     /// Feeds stdout bytes.
     fn stdout(&mut self, chunk: &[u8], out: &mut Vec<Signal>);
     /// Feeds stderr bytes.

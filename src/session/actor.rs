@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use super::prewarm::spawn_spec;
 use super::{CloseReason, Command, Registry, SessionShared};
+use crate::content::Content;
 use crate::error::ApiError;
 use crate::model::{
     FailureCode, Message, MessageError, MessageStatus, PermissionBehavior, PermissionDecision,
@@ -27,6 +28,9 @@ use crate::model::{
 use crate::oneshot::RunResult;
 use crate::process::{describe_exit, ChildEvent, ChildProcess};
 use crate::protocol::{self, Adapter, Outcome, Signal};
+
+mod claude_features;
+use claude_features::PendingUpdate;
 
 /// How much of stderr is kept for error details.
 const STDERR_TAIL: usize = 4096;
@@ -42,12 +46,14 @@ struct Child {
     /// The gateway sent it SIGINT (an interrupt): an exit by that signal is
     /// the gateway's doing, not a crash.
     sigint_sent: bool,
+    /// Whether it printed anything yet (the stall watchdog starts then).
+    spoke: bool,
     ready_deadline: Instant,
 }
 
 struct Queued {
     id: Uuid,
-    content: String,
+    content: Content,
     timeout: Duration,
 }
 
@@ -56,6 +62,8 @@ enum StopReason {
     Interrupted,
     Timeout,
     OutputLimit,
+    /// No output for the profile's `stall_timeout`: the child is ended.
+    Stalled,
 }
 
 struct Current {
@@ -115,6 +123,7 @@ pub(super) struct Actor {
     /// A child being stopped beside this task: no new child starts before
     /// it is gone (claude flushes the transcript that `--resume` reads).
     stopping: Option<tokio::sync::oneshot::Receiver<()>>,
+    updates: Vec<PendingUpdate>,
     closed: bool,
     /// Whether this session ever had a child (a later one is a restart).
     had_child: bool,
@@ -140,6 +149,7 @@ impl Actor {
             permissions: HashMap::new(),
             fallback: None,
             stopping: None,
+            updates: Vec::new(),
             closed: false,
             had_child: false,
             span: tracing::Span::none(),
@@ -325,10 +335,15 @@ impl Actor {
                 self.close(reason).await;
                 let _ = reply.send(());
             }
+            Command::Update { update, reply } => self.update(update, reply),
         }
     }
 
-    fn enqueue(&mut self, content: String, timeout: Option<Duration>) -> Result<Message, ApiError> {
+    fn enqueue(
+        &mut self,
+        content: Content,
+        timeout: Option<Duration>,
+    ) -> Result<Message, ApiError> {
         let max_queue = self.registry.config.max_queue;
         let busy = self.current.is_some() || !self.queue.is_empty();
         if busy && self.queue.len() >= max_queue {
@@ -441,7 +456,7 @@ impl Actor {
             let q = self.queue.pop_front().expect("non-empty");
             self.sync_queued();
             let child = self.child.as_mut().expect("checked above");
-            let input = child.adapter.frame(&q.content);
+            let input = child.adapter.frame_content(&q.content);
             child.proc.write(input);
             let now = Instant::now();
             self.current = Some(Current {
@@ -473,7 +488,8 @@ impl Actor {
     fn spawn_child(&mut self) -> std::io::Result<()> {
         let profile = &self.shared.profile;
         let resume = self.shared.status().agent_session_id.clone();
-        let spec = spawn_spec(profile, self.shared.cwd.clone(), resume.as_deref());
+        let mut spec = spawn_spec(profile, self.shared.cwd.clone(), resume.as_deref());
+        spec.argv.extend(self.launch_args());
         // Under the session's span only: the child outlives the message that started it.
         let spawned = self.span.in_scope(|| ChildProcess::spawn(&spec));
         self.registry
@@ -500,6 +516,7 @@ impl Actor {
             ready,
             retiring: false,
             sigint_sent: false,
+            spoke: false,
             ready_deadline: Instant::now() + READY_TIMEOUT.min(profile.timeout),
         });
         self.set_state(SessionState::Starting, None);
@@ -512,12 +529,13 @@ impl Actor {
     fn start_fallback(&mut self, q: Queued) {
         let profile = self.shared.profile.clone();
         let resume = self.shared.status().agent_session_id.clone();
-        let argv = profile.oneshot_argv(resume.as_deref());
+        let mut argv = profile.oneshot_argv(resume.as_deref());
+        argv.extend(self.launch_args());
         let cwd = self.shared.cwd.clone();
         let max_output = self.registry.config.max_output;
         let (tx, rx) = mpsc::unbounded_channel();
         let timeout = q.timeout;
-        let content = q.content;
+        let content = q.content.text();
         let task = tokio::spawn(async move {
             let result =
                 crate::oneshot::run(&profile, argv, cwd, &content, timeout, max_output, |s| {
@@ -570,7 +588,7 @@ impl Actor {
                     .metrics
                     .spawned(crate::metrics::SpawnKind::Fallback, !spawn_failed);
                 if let Some(id) = result.agent_session_id.clone() {
-                    self.shared.status().agent_session_id = Some(id);
+                    self.set_agent_session_id(id);
                 }
                 let outcome = match result.error {
                     None => Ok(Some(result.output)),
@@ -653,6 +671,10 @@ impl Actor {
         request_id: &str,
         decision: &PermissionDecision,
     ) -> Result<(), ApiError> {
+        // Silence while the agent waited for this answer is no stall.
+        if let Some(cur) = self.current.as_mut() {
+            cur.last_output = Instant::now();
+        }
         let pending = self.permissions.remove(request_id).ok_or_else(|| {
             ApiError::NotFound(format!("no open permission request {request_id:?}"))
         })?;
@@ -674,6 +696,9 @@ impl Actor {
     async fn output(&mut self, signals: Vec<Signal>) {
         if let Some(cur) = self.current.as_mut() {
             cur.last_output = Instant::now();
+        }
+        if let Some(c) = self.child.as_mut() {
+            c.spoke = true;
         }
         self.apply(signals).await;
     }
@@ -706,6 +731,7 @@ impl Actor {
                 let retiring = child.as_ref().is_some_and(|c| c.retiring);
                 let our_sigint =
                     child.as_ref().is_some_and(|c| c.sigint_sent) && ended_by_sigint(&status);
+                self.child_gone_updates();
                 self.registry.child_stopped();
                 self.permissions.clear();
                 let exit = describe_exit(&status);
@@ -792,8 +818,9 @@ impl Actor {
                         json!({"message_id": id, "event": event}),
                     );
                 }
-                Signal::AgentSessionId(id) => {
-                    self.shared.status().agent_session_id = Some(id);
+                Signal::AgentSessionId(id) => self.set_agent_session_id(id),
+                Signal::ControlResponse { request_id, error } => {
+                    self.control_answered(&request_id, error)
                 }
                 Signal::PermissionRequest {
                     request_id,
@@ -819,7 +846,11 @@ impl Actor {
                     self.permissions.remove(&request_id);
                 }
                 Signal::ConversationLost => {
-                    let lost = self.shared.status().agent_session_id.take();
+                    let lost = {
+                        let mut s = self.shared.status();
+                        s.fork_from = None;
+                        s.agent_session_id.take()
+                    };
                     tracing::warn!(session_id = %self.shared.id, agent_session_id = ?lost, "the agent's conversation cannot be resumed; the next child starts a new one");
                     // This child exits by itself; give it no more messages.
                     self.retire_child(Sig::SIGTERM);
@@ -870,6 +901,17 @@ impl Actor {
                     ),
                 }),
             ),
+            (Some(StopReason::Stalled), _) => (
+                MessageStatus::Failed,
+                cur.output,
+                Some(MessageError {
+                    code: FailureCode::Stalled,
+                    detail: format!(
+                        "no output from the agent for {} (stall_timeout); the child was ended, the next message resumes the conversation",
+                        humantime::format_duration(self.shared.profile.stall_timeout.unwrap_or_default())
+                    ),
+                }),
+            ),
             (Some(StopReason::OutputLimit), _) => (
                 MessageStatus::Failed,
                 cur.output,
@@ -888,6 +930,7 @@ impl Actor {
                 Some(MessageError { code, detail }),
             ),
         };
+        let usage = usage.map(|u| self.with_cost(u));
         self.update_message(cur.id, |m| {
             m.status = status;
             m.output = output.clone();
@@ -959,6 +1002,7 @@ impl Actor {
                 if let Some(q) = self.child.as_ref().and_then(|c| c.adapter.quiet_after()) {
                     consider(Some(cur.last_output + q));
                 }
+                consider(self.stall_after().map(|d| cur.last_output + d));
             }
             consider(cur.kill_at);
         }
@@ -968,13 +1012,24 @@ impl Actor {
             }
         }
         consider(self.permissions.values().map(|p| p.deadline).min());
+        consider(self.next_update_deadline());
         next
     }
 
     async fn timers(&mut self) {
         let now = Instant::now();
         let mut signals = Vec::new();
+        self.expire_updates(now);
+        let stall = self.stall_after();
+        let grace = self.shared.profile.interrupt_grace;
         if let Some(cur) = self.current.as_mut() {
+            if stall.is_some_and(|d| now >= cur.last_output + d) {
+                tracing::warn!(session_id = %self.shared.id, message_id = %cur.id, "no output from the child for stall_timeout; ending it");
+                cur.stop = Some(StopReason::Stalled);
+                cur.kill_at = Some(now + grace);
+                self.retire_child(Sig::SIGTERM);
+                return;
+            }
             if cur.stop.is_none() && now >= cur.deadline {
                 tracing::info!(session_id = %self.shared.id, message_id = %cur.id, "message timed out");
                 self.request_stop(StopReason::Timeout).await;
@@ -1052,7 +1107,7 @@ impl Actor {
             .shared
             .message(cur.id)
             .map(|m| m.input)
-            .unwrap_or_default();
+            .unwrap_or_else(|| Content::Text(String::new()));
         self.update_message(cur.id, |m| {
             m.status = MessageStatus::Queued;
             m.started_at = None;
@@ -1073,6 +1128,7 @@ impl Actor {
     }
 
     async fn stop_child(&mut self) {
+        self.child_gone_updates();
         if let Some(child) = self.child.take() {
             let pid = child.proc.pid();
             let status = child.proc.stop(self.shared.profile.stop_grace).await;

@@ -26,8 +26,12 @@ pub use events::{EventLog, Item, StoredEvent, Subscription};
 pub use registry::Registry;
 
 use crate::config::AgentProfile;
+use crate::content::Content;
 use crate::error::ApiError;
-use crate::model::{Message, PermissionDecision, Session, SessionState};
+use crate::model::{
+    Message, PermissionDecision, Session, SessionState, SessionUsage, UpdateSession,
+};
+use crate::options::SessionOptions;
 
 /// Why a session was closed (`session.closed` `reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -50,7 +54,7 @@ pub(crate) enum Command {
         reply: oneshot::Sender<()>,
     },
     Send {
-        content: String,
+        content: Content,
         timeout: Option<Duration>,
         reply: oneshot::Sender<Result<Message, ApiError>>,
     },
@@ -73,6 +77,11 @@ pub(crate) enum Command {
     },
     /// A child slot may have come free (`max_children`): try the queue again.
     Wake,
+    /// `PATCH`: a live child hears of model and permission-mode changes first.
+    Update {
+        update: UpdateSession,
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
 }
 
 /// The readable part of a session.
@@ -84,10 +93,8 @@ pub struct SessionShared {
     pub profile: Arc<AgentProfile>,
     /// Creation time.
     pub created_at: OffsetDateTime,
-    /// Title given at creation.
-    pub title: Option<String>,
-    /// Metadata given at creation.
-    pub metadata: Option<serde_json::Value>,
+    /// The session it was forked from.
+    pub forked_from: Option<Uuid>,
     /// Working directory of its children.
     pub cwd: Option<PathBuf>,
     /// Its events.
@@ -110,6 +117,31 @@ struct Status {
     index: HashMap<Uuid, usize>,
     queued: usize,
     agent_session_id: Option<String>,
+    title: Option<String>,
+    metadata: Option<serde_json::Value>,
+    /// Options its children start with (`PATCH` changes them).
+    options: SessionOptions,
+    /// A fork's child starts with `--resume <this> --fork-session` until the
+    /// agent reports the fork's own conversation id.
+    fork_from: Option<String>,
+    /// claude's `total_cost_usd` is cumulative (per process, and carried
+    /// over by `--resume`): the last one seen, so each message gets its own share.
+    last_total_cost: Option<f64>,
+}
+
+/// Sums the usage of `messages`: claude's per-reply `usage` tokens and the
+/// gateway's per-message `cost_usd`.
+fn sum_usage(messages: &[Message]) -> SessionUsage {
+    let mut sum = SessionUsage::default();
+    for u in messages.iter().filter_map(|m| m.usage.as_ref()) {
+        let tokens = |k: &str| u["usage"][k].as_u64().unwrap_or(0);
+        sum.input_tokens += tokens("input_tokens");
+        sum.output_tokens += tokens("output_tokens");
+        sum.cache_creation_input_tokens += tokens("cache_creation_input_tokens");
+        sum.cache_read_input_tokens += tokens("cache_read_input_tokens");
+        sum.cost_usd += u["cost_usd"].as_f64().unwrap_or(0.0);
+    }
+    sum
 }
 
 impl SessionShared {
@@ -132,11 +164,36 @@ impl SessionShared {
             pid: s.pid,
             message_count: s.messages.len(),
             queued: s.queued,
-            title: self.title.clone(),
-            metadata: self.metadata.clone(),
+            title: s.title.clone(),
+            metadata: s.metadata.clone(),
             agent_session_id: s.agent_session_id.clone(),
             cwd: self.cwd.as_ref().map(|p| p.display().to_string()),
+            options: s.options.clone(),
+            usage: sum_usage(&s.messages),
+            forked_from: self.forked_from,
         }
+    }
+
+    /// The options its next child starts with.
+    pub fn options(&self) -> SessionOptions {
+        self.status().options.clone()
+    }
+
+    /// What a fork of it starts from: its finished messages (one still
+    /// running or queued belongs to the parent alone), options,
+    /// conversation id, last total cost.
+    pub(crate) fn fork_seed(&self) -> (Vec<Message>, SessionOptions, Option<String>, Option<f64>) {
+        let s = self.status();
+        (
+            s.messages
+                .iter()
+                .filter(|m| m.status.is_terminal())
+                .cloned()
+                .collect(),
+            s.options.clone(),
+            s.agent_session_id.clone(),
+            s.last_total_cost,
+        )
     }
 
     /// State, and how long since the last activity.
@@ -192,7 +249,7 @@ impl SessionHandle {
     /// Queues a message; returns it as accepted (`queued` or `running`).
     pub async fn send(
         &self,
-        content: String,
+        content: Content,
         timeout: Option<Duration>,
     ) -> Result<Message, ApiError> {
         self.call(|reply| Command::Send {
@@ -201,6 +258,11 @@ impl SessionHandle {
             reply,
         })
         .await?
+    }
+
+    /// Applies a `PATCH` (a live child is told first; its refusal changes nothing).
+    pub async fn update(&self, update: UpdateSession) -> Result<(), ApiError> {
+        self.call(|reply| Command::Update { update, reply }).await?
     }
 
     /// Interrupts the running message; returns its id.

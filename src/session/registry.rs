@@ -16,7 +16,22 @@ use super::actor::Actor;
 use super::{CloseReason, Command, EventLog, SessionHandle, SessionShared, Status};
 use crate::config::{AgentProfile, Config};
 use crate::error::ApiError;
-use crate::model::{CreateSession, SessionState};
+use crate::model::{CreateSession, ForkSession, Message, SessionState};
+use crate::options::SessionOptions;
+
+/// What a new session starts with besides its profile and cwd.
+#[derive(Default)]
+struct Seed {
+    title: Option<String>,
+    metadata: Option<serde_json::Value>,
+    options: SessionOptions,
+    /// A fork's copy of its parent's history.
+    messages: Vec<Message>,
+    agent_session_id: Option<String>,
+    fork_from: Option<String>,
+    last_total_cost: Option<f64>,
+    forked_from: Option<Uuid>,
+}
 
 /// All live sessions.
 #[derive(Debug)]
@@ -64,11 +79,64 @@ impl Registry {
 
     /// Creates a session and starts its child.
     pub async fn create(self: &Arc<Self>, req: CreateSession) -> Result<SessionHandle, ApiError> {
+        let profile = self.profile(req.agent.as_deref())?;
+        req.options.check(&profile)?;
+        let cwd = resolve_cwd(&profile, req.cwd.as_deref())?;
+        let seed = Seed {
+            title: req.title,
+            metadata: req.metadata,
+            options: req.options,
+            ..Seed::default()
+        };
+        self.insert(profile, cwd, seed).await
+    }
+
+    /// Forks session `parent`: same profile, options and cwd, a copy of its
+    /// history, and a child that starts with `--resume <its conversation>
+    /// --fork-session`, so it knows the conversation so far and diverges.
+    pub async fn fork(
+        self: &Arc<Self>,
+        parent: &str,
+        req: ForkSession,
+    ) -> Result<SessionHandle, ApiError> {
+        let parent = self.get(parent)?;
+        let profile = parent.shared.profile.clone();
+        if profile.protocol != crate::config::ProtocolKind::ClaudeStreamJson {
+            return Err(ApiError::BadRequest(format!(
+                "sessions of profile {:?} cannot be forked (protocol {}; claude-stream-json only)",
+                profile.name,
+                profile.protocol.as_str()
+            )));
+        }
+        let view = parent.shared.view();
+        let (messages, options, agent_session_id, last_total_cost) = parent.shared.fork_seed();
+        let Some(conversation) = agent_session_id else {
+            return Err(ApiError::Conflict(
+                "the session has no agent conversation to fork yet: send it a message first".into(),
+            ));
+        };
+        let seed = Seed {
+            title: req.title.or(view.title),
+            metadata: req.metadata.or(view.metadata),
+            options,
+            messages,
+            agent_session_id: Some(conversation.clone()),
+            fork_from: Some(conversation),
+            last_total_cost,
+            forked_from: Some(parent.id()),
+        };
+        self.insert(profile, parent.shared.cwd.clone(), seed).await
+    }
+
+    async fn insert(
+        self: &Arc<Self>,
+        profile: Arc<AgentProfile>,
+        cwd: Option<PathBuf>,
+        seed: Seed,
+    ) -> Result<SessionHandle, ApiError> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ApiError::Unavailable("the gateway is shutting down".into()));
         }
-        let profile = self.profile(req.agent.as_deref())?;
-        let cwd = resolve_cwd(&profile, req.cwd.as_deref())?;
         let max = self.config.max_sessions;
         if self.reserved.fetch_add(1, Ordering::SeqCst) >= max {
             self.reserved.fetch_sub(1, Ordering::SeqCst);
@@ -78,12 +146,22 @@ impl Registry {
         }
         let id = Uuid::new_v4();
         let now = OffsetDateTime::now_utc();
+        // A warm child knows nothing of options, forks or a session's own cwd.
+        let plain = seed.options.is_empty() && seed.fork_from.is_none() && cwd.is_none();
+        let mut messages = seed.messages;
+        for m in &mut messages {
+            m.session_id = id;
+        }
+        let index = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.id, i))
+            .collect();
         let shared = Arc::new(SessionShared {
             id,
             profile: profile.clone(),
             created_at: now,
-            title: req.title,
-            metadata: req.metadata,
+            forked_from: seed.forked_from,
             cwd,
             log: EventLog::new(self.config.replay_events, self.config.replay_bytes),
             idle_timeout: self.config.idle_timeout,
@@ -92,10 +170,15 @@ impl Registry {
                 pid: None,
                 last_activity: Instant::now(),
                 last_activity_at: now,
-                messages: Vec::new(),
-                index: Default::default(),
+                messages,
+                index,
                 queued: 0,
-                agent_session_id: None,
+                agent_session_id: seed.agent_session_id,
+                title: seed.title,
+                metadata: seed.metadata,
+                options: seed.options,
+                fork_from: seed.fork_from,
+                last_total_cost: seed.last_total_cost,
             }),
             finished: watch::channel(0).0,
             released: AtomicBool::new(false),
@@ -111,7 +194,7 @@ impl Registry {
         tracing::info!(session_id = %id, agent = %profile.name, "session created");
         self.metrics.session_created();
         // A warm child was started with the profile's cwd: only for sessions without their own.
-        let warm = (profile.prewarm > 0 && handle.shared.cwd.is_none())
+        let warm = (profile.prewarm > 0 && plain)
             .then(|| self.pool.take(&profile.name))
             .flatten();
         let (reply, started) = tokio::sync::oneshot::channel();

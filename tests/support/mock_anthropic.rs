@@ -51,10 +51,17 @@
 //!   no control channel (the browser test, via `examples/mock_anthropic.rs
 //!   --bash-on-touch`) can trigger a permission prompt by what it types.
 //!
+//! - [`MockAnthropic::hold_next`]: the next conversation requests get their
+//!   response headers and then nothing, until [`MockAnthropic::release_held`]
+//!   or the client goes away — a model stream that went silent (for the
+//!   gateway's stall watchdog).
+//!
 //! Inspection: [`MockAnthropic::requests`] (every body),
 //! [`MockAnthropic::recorded`], [`MockAnthropic::aborted_streams`], and
 //! [`MockAnthropic::wait_until`] / [`MockAnthropic::wait_for_requests`] to
-//! wait on them without sleeping.
+//! wait on them without sleeping. What the CLI sent, per request body:
+//! [`model_of`], [`system_text`], [`image_blocks`] and the `messages` array
+//! itself; [`MockAnthropic::held_streams`] counts responses held open.
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
@@ -186,12 +193,16 @@ struct Inner {
     conversation_count: usize,
     log: Vec<RecordedRequest>,
     aborted_streams: usize,
+    hold_remaining: usize,
+    held_streams: usize,
 }
 
 struct State {
     inner: Mutex<Inner>,
-    /// Bumped after every change to `inner.log` or `inner.aborted_streams`.
+    /// Bumped after every change to `inner.log`, `inner.aborted_streams` or `inner.held_streams`.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Wakes held responses ([`MockAnthropic::release_held`]).
+    release: tokio::sync::Notify,
 }
 
 impl State {
@@ -231,6 +242,7 @@ impl MockAnthropic {
         let state = Arc::new(State {
             inner: Mutex::new(Inner::default()),
             changes,
+            release: tokio::sync::Notify::new(),
         });
         let st = state.clone();
         let routes = warp::method()
@@ -337,6 +349,23 @@ impl MockAnthropic {
     /// user text is `tool_result:…`) gets the default text, so the reply ends.
     pub fn set_bash_on_touch(&self, on: bool) {
         self.state.lock().bash_on_touch = on;
+    }
+
+    /// Holds the next `count` streamed conversation replies open: headers,
+    /// then silence (no `message_start`, no ping) until [`Self::release_held`]
+    /// or until the client closes the connection (then it counts as aborted).
+    pub fn hold_next(&self, count: usize) {
+        self.state.lock().hold_remaining = count;
+    }
+
+    /// Lets every held reply go on as normal.
+    pub fn release_held(&self) {
+        self.state.release.notify_waiters();
+    }
+
+    /// How many replies have been held open so far (counted when the hold begins).
+    pub fn held_streams(&self) -> usize {
+        self.state.lock().held_streams
     }
 
     /// Bodies of every `POST /v1/messages` request (conversation and side
@@ -517,6 +546,10 @@ fn handle(
             };
             let seq = g.log.len() + 1;
             let delays = (g.initial_delay, g.delta_delay);
+            let hold = kind == RequestKind::Conversation && g.hold_remaining > 0;
+            if hold {
+                g.hold_remaining -= 1;
+            }
             g.log.push(record);
             drop(g);
             state.changed();
@@ -533,7 +566,7 @@ fn handle(
                 reply,
             };
             if json_body["stream"].as_bool() == Some(true) {
-                stream_response(state.clone(), msg, delays)
+                stream_response(state.clone(), msg, delays, hold)
             } else {
                 warp::reply::json(&msg.whole_message()).into_response()
             }
@@ -582,6 +615,48 @@ pub fn last_user_text(messages: &[Value]) -> String {
         }
     }
     String::new()
+}
+
+/// The `model` of a Messages request body.
+pub fn model_of(body: &Value) -> String {
+    body["model"].as_str().unwrap_or_default().to_string()
+}
+
+/// The system prompt of a Messages request body: its text blocks (or the
+/// string) joined with newlines.
+pub fn system_text(body: &Value) -> String {
+    match &body["system"] {
+        Value::String(s) => s.clone(),
+        Value::Array(blocks) => blocks
+            .iter()
+            .filter_map(|b| b["text"].as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
+/// Every `image` block in the `messages` of a Messages request body, in order.
+pub fn image_blocks(body: &Value) -> Vec<Value> {
+    body["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["content"].as_array())
+        .flatten()
+        .filter(|b| b["type"] == "image")
+        .cloned()
+        .collect()
+}
+
+/// Names of the tools offered in a Messages request body.
+pub fn tool_names(body: &Value) -> Vec<String> {
+    body["tools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["name"].as_str().map(str::to_string))
+        .collect()
 }
 
 fn error_response(status: u16) -> warp::reply::Response {
@@ -734,10 +809,25 @@ fn stream_response(
     state: Arc<State>,
     msg: MessageParts,
     (initial, between): (Duration, Duration),
+    hold: bool,
 ) -> warp::reply::Response {
     let events = msg.events();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<warp::sse::Event>(1);
     tokio::spawn(async move {
+        if hold {
+            let released = state.release.notified();
+            state.lock().held_streams += 1;
+            state.changed();
+            let go_on = tokio::select! {
+                _ = tx.closed() => false,
+                _ = released => true,
+            };
+            if !go_on {
+                state.lock().aborted_streams += 1;
+                state.changed();
+                return;
+            }
+        }
         let mut deltas_sent = 0;
         for (is_delta, name, data) in events {
             let mut wait = Duration::ZERO;
