@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -470,7 +470,7 @@ async fn errors_are_problem_json() {
     assert_problem(gw.get("/nowhere").await, 404).await;
     // 405 with Allow
     let res = gw.http.put(gw.url("/sessions")).send().await.unwrap();
-    assert_eq!(res.headers()["allow"], "GET, POST");
+    assert_eq!(res.headers()["allow"], "GET, POST, HEAD");
     assert_problem(res, 405).await;
     let res = gw.http.delete(gw.url(&msgs)).send().await.unwrap();
     assert_problem(res, 405).await;
@@ -601,13 +601,12 @@ async fn fallback_runs_each_message_through_the_oneshot_command() {
         .as_str()
         .unwrap()
         .contains("/nonexistent/agent"));
-    // Past the restart budget the session is closed for good.
+    // Past the restart budget the session is closed for good, its history
+    // still readable.
     let m = gw.ask(&id, "again").await;
     assert_eq!(m["error"]["code"], "spawn_failed");
-    eventually(T, || async {
-        gw.get(&format!("/sessions/{id}")).await.status() == 404
-    })
-    .await;
+    eventually(T, || async { gw.session(&id).await["state"] == "closed" }).await;
+    assert_eq!(gw.session(&id).await["message_count"], 2);
     gw.stop().await;
 }
 
@@ -624,8 +623,16 @@ async fn a_session_without_activity_for_its_ttl_is_removed() {
     let res = gw.events(&id, "").await;
     let items = read_sse(res, T, |i| i.event.as_deref() == Some("session.closed")).await;
     assert_eq!(items.last().unwrap().data["reason"], "expired");
-    assert_problem(gw.get(&format!("/sessions/{id}")).await, 404).await;
     eventually(T, || async { !alive(pid) }).await;
+    // Readable as `closed` for another session_ttl, then forgotten.
+    let res = gw.get(&format!("/sessions/{id}")).await;
+    if res.status() == 200 {
+        assert_eq!(res.json::<Value>().await.unwrap()["state"], "closed");
+    }
+    eventually(T, || async {
+        gw.get(&format!("/sessions/{id}")).await.status() == 404
+    })
+    .await;
     gw.stop().await;
 }
 
