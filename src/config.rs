@@ -1,9 +1,9 @@
 //! Command-line flags, environment variables and agent profiles.
 //!
 //! Every flag has an `AGENTGATE_*` environment variable. Profiles come from a
-//! TOML file (`--config`) plus two built-ins: `demo` (this binary run as
-//! `agentgate demo-agent`, so a fresh machine can try the gateway) and
-//! `claude` (when a `claude` binary is found). A bad file stops start-up with
+//! TOML file (`--config`) plus built-ins: `demo` (this binary run as
+//! `agentgate demo-agent`, so a fresh machine can try the gateway),
+//! `claude`, `gemini` and `codex` (each when its binary is found). A bad file stops start-up with
 //! one line naming the file, the profile and the field.
 
 use std::collections::BTreeMap;
@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+
+mod acp_agents;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use regex::Regex;
@@ -121,14 +123,17 @@ pub enum ProtocolKind {
     Lines,
     /// Claude Code's `--input-format/--output-format stream-json`.
     ClaudeStreamJson,
+    /// The Agent Client Protocol (JSON-RPC 2.0 over stdio): gemini-cli, codex-acp, …
+    Acp,
 }
 
 impl ProtocolKind {
-    /// The name used in profiles and the API (`lines`, `claude-stream-json`).
+    /// The name used in profiles and the API (`lines`, `claude-stream-json`, `acp`).
     pub fn as_str(self) -> &'static str {
         match self {
             ProtocolKind::Lines => "lines",
             ProtocolKind::ClaudeStreamJson => "claude-stream-json",
+            ProtocolKind::Acp => "acp",
         }
     }
 }
@@ -364,6 +369,9 @@ impl Config {
         if let Some(claude) = find_claude() {
             profiles.insert("claude".to_string(), Arc::new(claude_profile(&claude)));
         }
+        for (name, bin) in acp_agents::find() {
+            profiles.insert(name.to_string(), Arc::new(bin));
+        }
         let mut file_default = None;
         if let Some(path) = &cli.config {
             let (loaded, default) = load_profiles(path)?;
@@ -526,7 +534,7 @@ fn resolve_profile(file: &str, name: &str, raw: RawProfile) -> Result<AgentProfi
                 LineEnding::Quiet(Duration::from_millis(ms))
             })
         }
-        ProtocolKind::ClaudeStreamJson => {
+        ProtocolKind::ClaudeStreamJson | ProtocolKind::Acp => {
             if raw.end_marker.is_some() || raw.prompt.is_some() || raw.quiet_ms.is_some() {
                 return Err(err(
                     "protocol",

@@ -5,10 +5,12 @@
 //! processes. The session task feeds them what the child prints and acts on
 //! what they report.
 
+pub mod acp;
 pub mod claude;
 pub mod lines;
 pub mod utf8;
 
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -36,12 +38,20 @@ pub enum Signal {
         tool_name: String,
         /// The tool's input.
         input: Value,
+        /// The answers the agent offers (ACP `options`); `None` for allow/deny only.
+        options: Option<Value>,
     },
     /// The agent withdrew a permission request.
     PermissionCancelled(String),
     /// The agent could not resume its conversation (it no longer exists);
     /// the next child must start a new one.
     ConversationLost,
+    /// The agent's previous conversation is not continued (it cannot be
+    /// loaded, or the agent offers no loading); the child starts a new one.
+    ConversationReset(String),
+    /// Bytes to write to the child's stdin (answers to the agent's requests,
+    /// the next step of a start-up handshake).
+    Write(Bytes),
     /// The reply ended.
     Done(Outcome),
 }
@@ -68,6 +78,12 @@ impl Outcome {
 
 /// A protocol adapter for one child.
 pub trait Adapter: Send {
+    /// The child was started (in `cwd`, to continue conversation `resume`):
+    /// bytes the gateway writes first, for protocols where the client speaks
+    /// first (ACP's `initialize`). `None` for the others.
+    fn start(&mut self, _cwd: &Path, _resume: Option<&str>) -> Option<Bytes> {
+        None
+    }
     /// Frames `content` as one message and notes that a reply is expected.
     fn frame(&mut self, content: &str) -> Bytes;
     /// Feeds stdout bytes.
@@ -111,6 +127,7 @@ pub fn persistent(profile: &AgentProfile) -> Box<dyn Adapter> {
                 .expect("validated: lines profiles have an ending"),
         )),
         ProtocolKind::ClaudeStreamJson => Box::new(claude::StreamJson::new()),
+        ProtocolKind::Acp => Box::new(acp::Acp::new()),
     }
 }
 
@@ -119,5 +136,7 @@ pub fn oneshot(profile: &AgentProfile) -> Box<dyn Adapter> {
     match profile.protocol {
         ProtocolKind::Lines => Box::new(lines::Passthrough::default()),
         ProtocolKind::ClaudeStreamJson => Box::new(claude::StreamJson::oneshot()),
+        // TODO: a one-shot ACP run needs the handshake in oneshot.rs; today it fails with the agent's error.
+        ProtocolKind::Acp => Box::new(acp::Acp::new()),
     }
 }
