@@ -14,6 +14,8 @@ use std::time::Duration;
 
 mod acp_agents;
 
+pub use acp_agents::{codex_profile, gemini_profile};
+
 use clap::{Parser, Subcommand, ValueEnum};
 use regex::Regex;
 use serde::Deserialize;
