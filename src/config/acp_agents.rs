@@ -83,3 +83,44 @@ pub fn codex_profile(bin: &Path) -> AgentProfile {
         &["OPENAI_*", "CODEX_*"],
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_profiles_parse_as_acp() {
+        for (file, text) in [
+            (
+                "gemini.toml",
+                include_str!("../../examples/profiles/gemini.toml"),
+            ),
+            (
+                "codex.toml",
+                include_str!("../../examples/profiles/codex.toml"),
+            ),
+        ] {
+            let (profiles, _) = super::super::parse_profiles(file, text).unwrap();
+            let p = profiles.values().next().unwrap();
+            assert_eq!(p.protocol, ProtocolKind::Acp, "{file}");
+            assert!(p.ending.is_none());
+        }
+        let e = super::super::parse_profiles(
+            "t.toml",
+            "[agents.x]\ncommand=[\"a\"]\nprotocol=\"acp\"\nquiet_ms=5\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("agents.x.protocol"), "{e}");
+    }
+
+    #[test]
+    fn built_in_profiles_speak_acp_without_a_shell() {
+        let g = gemini_profile(Path::new("/opt/gemini"));
+        assert_eq!(g.command, ["/opt/gemini", "--acp"]);
+        assert_eq!(g.protocol, ProtocolKind::Acp);
+        let c = codex_profile(Path::new("/opt/codex-acp"));
+        assert_eq!(c.command, ["/opt/codex-acp"]);
+        // A restart continues through session/load, not through argv.
+        assert_eq!(c.persistent_argv(Some("s-1")), c.command);
+    }
+}
