@@ -1,20 +1,23 @@
 //! Real ACP agents behind the gateway, offline: the pinned gemini-cli in
-//! `--acp` mode (`scripts/install-acp-agents.sh`) against the suite's mock of
-//! the Gemini API. Context across messages, streamed deltas, interrupt then
+//! `--acp` mode and Codex through codex-acp (`scripts/install-acp-agents.sh`)
+//! against the suite's mocks of the Gemini API and the OpenAI Responses API. Context across messages, streamed deltas, interrupt then
 //! a next message, permission requests allowed and denied, a restart that
 //! loads the conversation, and an agent killed mid-reply.
 
 mod common;
 #[path = "support/mock_gemini.rs"]
 mod mock_gemini;
+#[path = "support/mock_openai.rs"]
+mod mock_openai;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentgate::config::gemini_profile;
+use agentgate::config::{codex_profile, gemini_profile};
 use common::*;
 use mock_gemini::{gemini_bin, MockGemini};
+use mock_openai::{codex_acp_bin, MockOpenAi};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);
@@ -284,5 +287,215 @@ async fn gemini_killed_mid_reply_fails_then_recovers() {
     let m = rig.gw.ask(&id, "again").await;
     assert_eq!(m["status"], "completed", "{m}");
     assert!(output(&m).contains("last=again"), "{m}");
+    rig.gw.stop().await;
+}
+
+// ---------------------------------------------------------------- codex
+
+/// A gateway whose `codex` profile (codex-acp) talks to the mock Responses
+/// API, in a fresh HOME with its own CODEX_HOME.
+struct CodexRig {
+    gw: Gateway,
+    mock: MockOpenAi,
+    home: tempfile::TempDir,
+}
+
+impl CodexRig {
+    async fn start(approval_policy: &str) -> CodexRig {
+        let mock = MockOpenAi::start().await;
+        let home = tempfile::Builder::new()
+            .prefix("agentgate-codex-home-")
+            .tempdir()
+            .unwrap();
+        let work = home.path().join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        let mut p = codex_profile(&codex_acp_bin());
+        p.pass_env.clear();
+        p.env = mock
+            .child_env(home.path(), approval_policy)
+            .into_iter()
+            .collect();
+        p.cwd = Some(work);
+        let gw = Gateway::start(|c| {
+            c.profiles.insert("codex".into(), Arc::new(p));
+        })
+        .await;
+        CodexRig { gw, mock, home }
+    }
+
+    async fn session(&self) -> String {
+        self.gw.create("codex").await["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    fn last_input_len(&self) -> usize {
+        let turns = self.mock.turns();
+        turns.last().unwrap()["input"].as_array().unwrap().len()
+    }
+}
+
+#[tokio::test]
+async fn codex_keeps_context_and_streams_deltas() {
+    let rig = CodexRig::start("never").await;
+    let id = rig.session().await;
+    let res = rig.gw.stream(&id, json!({"content": "first"})).await;
+    let items = read_sse(res, T, |i| {
+        matches!(
+            i.event.as_deref(),
+            Some("message.completed" | "message.failed")
+        )
+    })
+    .await;
+    let done = items.last().unwrap();
+    assert_eq!(
+        done.event.as_deref(),
+        Some("message.completed"),
+        "{:?}",
+        done.data
+    );
+    let text = done.data["output"].as_str().unwrap();
+    assert!(text.starts_with("codex mock #1: input="), "{text}");
+    assert!(text.ends_with("last=first"), "{text}");
+    let deltas = items
+        .iter()
+        .filter(|i| i.event.as_deref() == Some("message.delta"))
+        .count();
+    assert!(deltas >= 3, "the reply streamed word by word: {items:?}");
+    let first = rig.last_input_len();
+
+    let m = rig.gw.ask(&id, "second").await;
+    assert_eq!(m["status"], "completed", "{m}");
+    assert!(output(&m).ends_with("last=second"), "{m}");
+    assert_eq!(
+        rig.last_input_len(),
+        first + 2,
+        "the earlier turn was sent again"
+    );
+    rig.gw.stop().await;
+}
+
+#[tokio::test]
+async fn codex_interrupt_then_a_working_next_message() {
+    let rig = CodexRig::start("never").await;
+    let id = rig.session().await;
+    rig.mock.set_delta_delay(Duration::from_millis(300));
+    rig.mock.set_padding(200);
+    let m = rig.gw.send(&id, "slow please").await;
+    let mid = m["id"].as_str().unwrap().to_string();
+    let res = rig.gw.events(&id, "").await;
+    read_sse(res, T, |i| i.event.as_deref() == Some("message.delta")).await;
+    let res = rig
+        .gw
+        .post(&format!("/sessions/{id}/interrupt"), json!({}))
+        .await;
+    assert_eq!(res.status(), 202);
+    let done = rig.gw.finished(&id, &mid).await;
+    assert_eq!(done["status"], "interrupted", "{done}");
+    let pid = rig.gw.session(&id).await["pid"].as_u64();
+
+    rig.mock.set_delta_delay(Duration::ZERO);
+    rig.mock.set_padding(0);
+    let m = rig.gw.ask(&id, "after").await;
+    assert_eq!(m["status"], "completed", "{m}");
+    assert!(output(&m).ends_with("last=after"), "{m}");
+    assert_eq!(rig.gw.session(&id).await["pid"].as_u64(), pid, "same child");
+    rig.gw.stop().await;
+}
+
+#[tokio::test]
+async fn codex_permission_allowed_runs_the_command_and_denied_does_not() {
+    let rig = CodexRig::start("untrusted").await;
+    let id = rig.session().await;
+    let work = rig.home.path().join("work");
+    for (file, behavior) in [("allowed.txt", "allow"), ("denied.txt", "deny")] {
+        rig.mock
+            .push_function_call("exec_command", json!({"cmd": format!("touch {file}")}));
+        let m = rig.gw.send(&id, &format!("make {file}")).await;
+        let mid = m["id"].as_str().unwrap().to_string();
+        let res = rig.gw.events(&id, "").await;
+        let items = read_sse(res, T, |i| {
+            i.event.as_deref() == Some("message.permission_request") && i.data["message_id"] == mid
+        })
+        .await;
+        let req = &items.last().unwrap().data;
+        assert!(
+            req["options"].as_array().is_some_and(|o| !o.is_empty()),
+            "{req}"
+        );
+        let rid = req["request_id"].as_str().unwrap();
+        let res = rig
+            .gw
+            .post(
+                &format!("/sessions/{id}/permissions/{rid}"),
+                json!({"behavior": behavior}),
+            )
+            .await;
+        assert_eq!(res.status(), 204);
+        let done = rig.gw.finished(&id, &mid).await;
+        if behavior == "allow" {
+            assert_eq!(done["status"], "completed", "{done}");
+            assert!(output(&done).contains("tool_result:"), "{done}");
+        } else {
+            // codex-acp 0.16 ends the turn on a rejection: stopReason `cancelled`.
+            assert_eq!(done["usage"]["stop_reason"], "cancelled", "{done}");
+        }
+        assert_eq!(
+            work.join(file).exists(),
+            behavior == "allow",
+            "{file}: {done}"
+        );
+    }
+    let m = rig.gw.ask(&id, "still there?").await;
+    assert_eq!(m["status"], "completed", "{m}");
+    rig.gw.stop().await;
+}
+
+#[tokio::test]
+async fn codex_restart_loads_the_conversation() {
+    let rig = CodexRig::start("never").await;
+    let id = rig.session().await;
+    let m = rig.gw.ask(&id, "remember me").await;
+    assert_eq!(m["status"], "completed", "{m}");
+    let first = rig.last_input_len();
+    let before = rig.gw.session(&id).await["agent_session_id"].clone();
+    assert!(before.is_string());
+
+    rig.gw.kill_child(&id).await;
+    let m = rig.gw.ask(&id, "after the restart").await;
+    assert_eq!(m["status"], "completed", "{m}");
+    assert!(
+        output(&m).ends_with("last=after the restart"),
+        "only this reply: {m}"
+    );
+    assert_eq!(
+        rig.last_input_len(),
+        first + 2,
+        "the loaded conversation was sent"
+    );
+    assert_eq!(rig.gw.session(&id).await["agent_session_id"], before);
+    rig.gw.stop().await;
+}
+
+#[tokio::test]
+async fn codex_killed_mid_reply_fails_then_recovers() {
+    let rig = CodexRig::start("never").await;
+    let id = rig.session().await;
+    rig.mock.set_delta_delay(Duration::from_millis(300));
+    rig.mock.set_padding(200);
+    let m = rig.gw.send(&id, "slow").await;
+    let mid = m["id"].as_str().unwrap().to_string();
+    let res = rig.gw.events(&id, "").await;
+    read_sse(res, T, |i| i.event.as_deref() == Some("message.delta")).await;
+    rig.gw.kill_child(&id).await;
+    let done = rig.gw.finished(&id, &mid).await;
+    assert_eq!(done["error"]["code"], "process_exited", "{done}");
+
+    rig.mock.set_delta_delay(Duration::ZERO);
+    rig.mock.set_padding(0);
+    let m = rig.gw.ask(&id, "again").await;
+    assert_eq!(m["status"], "completed", "{m}");
+    assert!(output(&m).ends_with("last=again"), "{m}");
     rig.gw.stop().await;
 }
