@@ -177,6 +177,12 @@ async fn gemini_permission_allowed_runs_the_tool_and_denied_does_not() {
         "{options:?}"
     );
     let rid = req.data["request_id"].as_str().unwrap();
+    // Neither behavior nor option_id: refused, and the request stays open.
+    let res = rig
+        .gw
+        .post(&format!("/sessions/{id}/permissions/{rid}"), json!({}))
+        .await;
+    assert_problem(res, 400).await;
     let res = rig
         .gw
         .post(
