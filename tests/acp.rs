@@ -505,3 +505,40 @@ async fn codex_killed_mid_reply_fails_then_recovers() {
     assert!(output(&m).ends_with("last=again"), "{m}");
     rig.gw.stop().await;
 }
+
+/// One process per request: the handshake, one prompt, then the child ends.
+#[tokio::test]
+async fn oneshot_with_codex_and_gemini() {
+    let rig = CodexRig::start("never").await;
+    let res = rig
+        .gw
+        .post(
+            "/oneshot",
+            json!({"agent": "codex", "content": "just once"}),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["status"], "completed", "{body}");
+    assert!(output(&body).starts_with("codex mock #1:"), "{body}");
+    assert!(output(&body).ends_with("last=just once"), "{body}");
+    assert!(body["agent_session_id"].is_string(), "{body}");
+    rig.gw.stop().await;
+
+    let rig = Rig::start().await;
+    let res = rig
+        .gw
+        .post(
+            "/oneshot",
+            json!({"agent": "gemini", "content": "just once"}),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["status"], "completed", "{body}");
+    assert!(
+        output(&body).starts_with("gemini mock #1: contents=1; last=just once"),
+        "{body}"
+    );
+    rig.gw.stop().await;
+}

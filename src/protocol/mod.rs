@@ -136,7 +136,7 @@ pub fn oneshot(profile: &AgentProfile) -> Box<dyn Adapter> {
     match profile.protocol {
         ProtocolKind::Lines => Box::new(lines::Passthrough::default()),
         ProtocolKind::ClaudeStreamJson => Box::new(claude::StreamJson::oneshot()),
-        // TODO: a one-shot ACP run needs the handshake in oneshot.rs; today it fails with the agent's error.
+        // The same adapter: `oneshot::run` drives the handshake, then ends the child after the reply.
         ProtocolKind::Acp => Box::new(acp::Acp::new()),
     }
 }
