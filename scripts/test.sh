@@ -33,7 +33,8 @@ export AGENTGATE_CLAUDE_BIN
 echo "claude: $AGENTGATE_CLAUDE_BIN"
 
 step "installing the pinned ACP agents: gemini-cli, codex-acp (tests/acp)"
-while IFS='=' read -r name value; do export "$name=$value"; done < <(bash scripts/install-acp-agents.sh | tail -n 2)
+acp_env="$(bash scripts/install-acp-agents.sh | tail -n 2)"
+while IFS='=' read -r name value; do export "$name=$value"; done <<<"$acp_env"
 echo "gemini: $AGENTGATE_GEMINI_BIN; codex-acp: $AGENTGATE_CODEX_ACP_BIN"
 
 step "cargo fmt --check"
