@@ -5,7 +5,8 @@
 #   bash scripts/test.sh
 #
 # 1. installs the pinned Claude Code CLI from the npm registry into
-#    tests/claude/node_modules (skipped when AGENTGATE_TEST_CLAUDE_BIN points to one);
+#    tests/claude/node_modules (skipped when AGENTGATE_TEST_CLAUDE_BIN points to one),
+#    and the pinned ACP agents (gemini-cli, codex-acp) into tests/acp/node_modules;
 # 2. checks formatting and lints;
 # 3. starts a throwaway PostgreSQL (Debian's, installed when missing) and
 #    runs every test: unit, HTTP, real processes (python3, sed, sh), the
@@ -60,6 +61,11 @@ step "installing the pinned claude CLI (tests/claude)"
 AGENTGATE_TEST_CLAUDE_BIN="$(bash scripts/install-claude.sh | tail -n 1)"
 export AGENTGATE_TEST_CLAUDE_BIN
 echo "claude: $AGENTGATE_TEST_CLAUDE_BIN"
+
+step "installing the pinned ACP agents: gemini-cli, codex-acp (tests/acp)"
+acp_env="$(bash scripts/install-acp-agents.sh | tail -n 2)"
+while IFS='=' read -r name value; do export "$name=$value"; done <<<"$acp_env"
+echo "gemini: $AGENTGATE_TEST_GEMINI_BIN; codex-acp: $AGENTGATE_TEST_CODEX_ACP_BIN"
 
 step "cargo fmt --check"
 cargo fmt --check

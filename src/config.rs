@@ -1,9 +1,9 @@
 //! Command-line flags, environment variables and agent profiles.
 //!
 //! Every flag has an `AGENTGATE_*` environment variable. Profiles come from a
-//! TOML file (`--config`) plus two built-ins: `demo` (this binary run as
-//! `agentgate demo-agent`, so a fresh machine can try the gateway) and
-//! `claude` (when a `claude` binary is found). A bad file stops start-up with
+//! TOML file (`--config`) plus built-ins: `demo` (this binary run as
+//! `agentgate demo-agent`, so a fresh machine can try the gateway),
+//! `claude`, `gemini` and `codex` (each when its binary is found). A bad file stops start-up with
 //! one line naming the file, the profile and the field.
 
 use std::collections::BTreeMap;
@@ -11,6 +11,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+
+mod acp_agents;
+
+pub use acp_agents::{codex_profile, gemini_profile};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use regex::Regex;
@@ -136,14 +140,17 @@ pub enum ProtocolKind {
     Lines,
     /// Claude Code's `--input-format/--output-format stream-json`.
     ClaudeStreamJson,
+    /// The Agent Client Protocol (JSON-RPC 2.0 over stdio): gemini-cli, codex-acp, …
+    Acp,
 }
 
 impl ProtocolKind {
-    /// The name used in profiles and the API (`lines`, `claude-stream-json`).
+    /// The name used in profiles and the API (`lines`, `claude-stream-json`, `acp`).
     pub fn as_str(self) -> &'static str {
         match self {
             ProtocolKind::Lines => "lines",
             ProtocolKind::ClaudeStreamJson => "claude-stream-json",
+            ProtocolKind::Acp => "acp",
         }
     }
 
@@ -152,6 +159,9 @@ impl ProtocolKind {
         match self {
             ProtocolKind::Lines => false,
             ProtocolKind::ClaudeStreamJson => true,
+            // ACP prompts can carry image blocks, but our adapter sends text
+            // only so far (see docs/acp-notes.md).
+            ProtocolKind::Acp => false,
         }
     }
 }
@@ -416,14 +426,22 @@ impl Config {
     /// Resolves flags and the profile file. `self_exe` is the agentgate binary
     /// that runs the built-in `demo` agent.
     pub fn from_cli(cli: &Cli, self_exe: &Path) -> Result<Config, ConfigError> {
-        Config::resolve(cli, self_exe, find_claude())
+        Config::resolve(cli, self_exe, find_claude(), acp_agents::find())
     }
 
-    fn resolve(cli: &Cli, self_exe: &Path, claude: Option<PathBuf>) -> Result<Config, ConfigError> {
+    fn resolve(
+        cli: &Cli,
+        self_exe: &Path,
+        claude: Option<PathBuf>,
+        acp: Vec<(&'static str, AgentProfile)>,
+    ) -> Result<Config, ConfigError> {
         let mut profiles = BTreeMap::new();
         profiles.insert("demo".to_string(), Arc::new(demo_profile(self_exe)));
         if let Some(claude) = claude {
             profiles.insert("claude".to_string(), Arc::new(claude_profile(&claude)));
+        }
+        for (name, profile) in acp {
+            profiles.insert(name.to_string(), Arc::new(profile));
         }
         let mut file_default = None;
         if let Some(path) = &cli.config {
@@ -491,7 +509,8 @@ impl Config {
         let command = Cli::command().mut_args(|arg| arg.env(None));
         let matches = command.get_matches_from(["agentgate", "--listen", "127.0.0.1:0"]);
         let cli = Cli::from_arg_matches(&matches).expect("the built-in defaults parse");
-        Config::resolve(&cli, self_exe, None).expect("the built-in defaults are valid")
+        // No agent found on this machine: defaults are the same everywhere.
+        Config::resolve(&cli, self_exe, None, Vec::new()).expect("the built-in defaults are valid")
     }
 
     /// Adds (or replaces) profiles from TOML text; for tests and embedding.
@@ -609,7 +628,7 @@ fn resolve_profile(file: &str, name: &str, raw: RawProfile) -> Result<AgentProfi
                 LineEnding::Quiet(Duration::from_millis(ms))
             })
         }
-        ProtocolKind::ClaudeStreamJson => {
+        ProtocolKind::ClaudeStreamJson | ProtocolKind::Acp => {
             if raw.end_marker.is_some()
                 || raw.prompt.is_some()
                 || raw.quiet_ms.is_some()
@@ -638,7 +657,7 @@ fn resolve_profile(file: &str, name: &str, raw: RawProfile) -> Result<AgentProfi
     // claude's stream-json can go silent and never exit: watch it by default.
     let stall_default = match raw.protocol {
         ProtocolKind::ClaudeStreamJson => Some(CLAUDE_STALL_TIMEOUT),
-        ProtocolKind::Lines => None,
+        ProtocolKind::Lines | ProtocolKind::Acp => None,
     };
     let stall_timeout = match &raw.stall_timeout {
         Some(s) => {

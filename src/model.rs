@@ -317,8 +317,10 @@ pub struct OneshotResponse {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PermissionDecision {
-    /// `allow` or `deny`.
-    pub behavior: PermissionBehavior,
+    /// `allow` or `deny`. At least one of `behavior` and `option_id` is given.
+    pub behavior: Option<PermissionBehavior>,
+    /// ACP: the `optionId` of one of the request's `options` (wins over `behavior`).
+    pub option_id: Option<String>,
     /// Why (sent to the agent on deny).
     pub message: Option<String>,
 }

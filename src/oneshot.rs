@@ -78,8 +78,22 @@ pub async fn run(
         }
     };
     let mut adapter = protocol::oneshot(profile);
-    child.write(adapter.frame(content));
-    child.close_stdin();
+    // A protocol where the client speaks first (ACP) gets its handshake now
+    // and the content once the agent is ready; the others get the content
+    // and the end of stdin at once.
+    let dir = spec.cwd.clone().or_else(|| std::env::current_dir().ok());
+    let mut held = match adapter.start(&dir.unwrap_or_default(), None) {
+        Some(hello) => {
+            child.write(hello);
+            Some(content.to_string())
+        }
+        None => {
+            child.write(adapter.frame(content));
+            child.close_stdin();
+            None
+        }
+    };
+    let spoke_first = held.is_some();
     let deadline = started + timeout;
     let mut failure: Option<(FailureCode, String)> = None;
     let mut done: Option<Result<Option<String>, (FailureCode, String)>> = None;
@@ -112,6 +126,22 @@ pub async fn run(
             }
         };
         for s in &signals {
+            match s {
+                Signal::Write(bytes) => {
+                    child.write(bytes.clone());
+                }
+                Signal::Ready => {
+                    if let Some(content) = held.take() {
+                        child.write(adapter.frame(&content));
+                    }
+                }
+                // The reply is complete; such agents need not exit at stdin's end.
+                Signal::Done(_) if spoke_first => {
+                    child.close_stdin();
+                    child.signal(Sig::SIGTERM);
+                }
+                _ => {}
+            }
             if absorb(s, &mut result, &mut done, &mut failure, max_output, &child) {
                 on_signal(s);
             }

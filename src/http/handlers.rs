@@ -412,6 +412,11 @@ pub async fn permission(
         async {
             let handle = state.registry.get(&id)?;
             let decision: PermissionDecision = parse_json(body, false)?.expect("required body");
+            if decision.behavior.is_none() && decision.option_id.is_none() {
+                return Err(ApiError::BadRequest(
+                    "give `behavior` or `option_id`".into(),
+                ));
+            }
             handle.permission(request_id, decision).await?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }

@@ -88,6 +88,7 @@ impl StreamJson {
                             request_id: id.to_string(),
                             tool_name: req["tool_name"].as_str().unwrap_or("").to_string(),
                             input: req.get("input").cloned().unwrap_or(Value::Null),
+                            options: None,
                         });
                     }
                 }
@@ -262,7 +263,8 @@ impl Adapter for StreamJson {
         decision: &PermissionDecision,
     ) -> Option<Bytes> {
         // The CLI rejects an allow without updatedInput and a deny without message.
-        let response = match decision.behavior {
+        // It offers no options, so an answer naming one only is a deny.
+        let response = match decision.behavior.unwrap_or(PermissionBehavior::Deny) {
             PermissionBehavior::Allow => json!({"behavior": "allow", "updatedInput": input}),
             PermissionBehavior::Deny => json!({
                 "behavior": "deny",
@@ -385,7 +387,8 @@ mod tests {
                 "r1",
                 &input,
                 &PermissionDecision {
-                    behavior: PermissionBehavior::Allow,
+                    behavior: Some(PermissionBehavior::Allow),
+                    option_id: None,
                     message: None,
                 },
             )
@@ -398,7 +401,8 @@ mod tests {
                 "r1",
                 &input,
                 &PermissionDecision {
-                    behavior: PermissionBehavior::Deny,
+                    behavior: Some(PermissionBehavior::Deny),
+                    option_id: None,
                     message: None,
                 },
             )

@@ -5,10 +5,12 @@
 //! processes. The session task feeds them what the child prints and acts on
 //! what they report.
 
+pub mod acp;
 pub mod claude;
 pub mod lines;
 pub mod utf8;
 
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -36,6 +38,8 @@ pub enum Signal {
         tool_name: String,
         /// The tool's input.
         input: Value,
+        /// The answers the agent offers (ACP `options`); `None` for allow/deny only.
+        options: Option<Value>,
     },
     /// The agent withdrew a permission request.
     PermissionCancelled(String),
@@ -52,6 +56,12 @@ pub enum Signal {
     /// The child printed this many bytes while no reply was running: they
     /// belong to no message and are never given to the next one.
     Unattributed(usize),
+    /// The agent's previous conversation is not continued (it cannot be
+    /// loaded, or the agent offers no loading); the child starts a new one.
+    ConversationReset(String),
+    /// Bytes to write to the child's stdin (answers to the agent's requests,
+    /// the next step of a start-up handshake).
+    Write(Bytes),
     /// The reply ended.
     Done(Outcome),
 }
@@ -78,6 +88,12 @@ impl Outcome {
 
 /// A protocol adapter for one child.
 pub trait Adapter: Send {
+    /// The child was started (in `cwd`, to continue conversation `resume`):
+    /// bytes the gateway writes first, for protocols where the client speaks
+    /// first (ACP's `initialize`). `None` for the others.
+    fn start(&mut self, _cwd: &Path, _resume: Option<&str>) -> Option<Bytes> {
+        None
+    }
     /// Frames `content` as one message and notes that a reply is expected.
     fn frame(&mut self, content: &str) -> Bytes;
     /// Frames structured content (text and image blocks). Protocols without
@@ -134,6 +150,7 @@ pub fn persistent(profile: &AgentProfile) -> Box<dyn Adapter> {
             .with_continuation(profile.continuation_prompt.clone()),
         ),
         ProtocolKind::ClaudeStreamJson => Box::new(claude::StreamJson::new()),
+        ProtocolKind::Acp => Box::new(acp::Acp::new()),
     }
 }
 
@@ -142,5 +159,7 @@ pub fn oneshot(profile: &AgentProfile) -> Box<dyn Adapter> {
     match profile.protocol {
         ProtocolKind::Lines => Box::new(lines::Passthrough::default()),
         ProtocolKind::ClaudeStreamJson => Box::new(claude::StreamJson::oneshot()),
+        // The same adapter: `oneshot::run` drives the handshake, then ends the child after the reply.
+        ProtocolKind::Acp => Box::new(acp::Acp::new()),
     }
 }

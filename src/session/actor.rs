@@ -508,7 +508,16 @@ impl Actor {
             self.registry.metrics.restarted();
         }
         self.had_child = true;
-        let adapter = protocol::persistent(profile);
+        let mut adapter = protocol::persistent(profile);
+        // Protocols where the client speaks first (ACP) start their handshake now.
+        let cwd = self.shared.cwd.clone().or_else(|| profile.cwd.clone());
+        let cwd = cwd
+            .or_else(|| std::env::current_dir().ok())
+            .unwrap_or_default();
+        let resume = self.shared.status().agent_session_id.clone();
+        if let Some(hello) = adapter.start(&cwd, resume.as_deref()) {
+            proc.write(hello);
+        }
         let ready = !adapter.needs_ready();
         self.child = Some(Child {
             proc,
@@ -826,6 +835,7 @@ impl Actor {
                     request_id,
                     tool_name,
                     input,
+                    options,
                 } => {
                     let id = self.current.as_ref().map(|c| c.id);
                     let deadline = Instant::now() + self.shared.profile.permission_timeout;
@@ -836,14 +846,24 @@ impl Actor {
                             deadline,
                         },
                     );
-                    self.publish(
-                        "message.permission_request",
-                        id,
-                        json!({"message_id": id, "request_id": request_id, "tool_name": tool_name, "input": input}),
-                    );
+                    let mut data = json!({"message_id": id, "request_id": request_id, "tool_name": tool_name, "input": input});
+                    if let Some(options) = options {
+                        data["options"] = options;
+                    }
+                    self.publish("message.permission_request", id, data);
                 }
                 Signal::PermissionCancelled(request_id) => {
                     self.permissions.remove(&request_id);
+                }
+                Signal::Write(bytes) => {
+                    if let Some(c) = self.child.as_mut() {
+                        c.proc.write(bytes);
+                    }
+                }
+                Signal::ConversationReset(detail) => {
+                    let lost = self.shared.status().agent_session_id.take();
+                    tracing::warn!(session_id = %self.shared.id, agent_session_id = ?lost, %detail, "the agent's conversation is not continued");
+                    self.set_state(SessionState::Starting, Some("new_conversation"));
                 }
                 Signal::ConversationLost => {
                     let lost = {
@@ -1063,7 +1083,8 @@ impl Actor {
         for id in expired {
             let secs = self.shared.profile.permission_timeout.as_secs();
             let decision = PermissionDecision {
-                behavior: PermissionBehavior::Deny,
+                behavior: Some(PermissionBehavior::Deny),
+                option_id: None,
                 message: Some(format!("no answer from the user within {secs} s")),
             };
             tracing::info!(session_id = %self.shared.id, request_id = %id, "permission request timed out; denied");

@@ -34,6 +34,14 @@ pub fn sealed_command(home: &Path) -> std::process::Command {
         "AGENTGATE_CLAUDE_BIN",
         "/nonexistent/agentgate-tests/claude",
     )
+    .env(
+        "AGENTGATE_GEMINI_BIN",
+        "/nonexistent/agentgate-tests/gemini",
+    )
+    .env(
+        "AGENTGATE_CODEX_ACP_BIN",
+        "/nonexistent/agentgate-tests/codex-acp",
+    )
     .env("HOME", home);
     cmd
 }
