@@ -56,6 +56,8 @@ fn normalise(signals: Vec<Signal>) -> Vec<Signal> {
         match (out.last_mut(), s) {
             (Some(Signal::Delta(prev)), Signal::Delta(t)) => prev.push_str(&t),
             (_, Signal::Delta(t)) if t.is_empty() => {}
+            // Output after the reply ended is counted, in whatever pieces.
+            (Some(Signal::Unattributed(prev)), Signal::Unattributed(n)) => *prev += n,
             (_, s) => out.push(s),
         }
     }
