@@ -60,6 +60,14 @@ pub struct Cli {
     /// Most `POST /oneshot` runs at once (503 beyond).
     #[arg(long, env = "AGENTGATE_MAX_ONESHOT", default_value_t = 16)]
     pub max_oneshot: usize,
+    /// Where sessions are kept: `sqlite:PATH`, `postgres://…` or `memory`
+    /// (nothing survives a restart). Default: `sqlite:` in --data-dir when
+    /// that is given, else `memory`.
+    #[arg(long, env = "AGENTGATE_STORE", hide_env_values = true)]
+    pub store: Option<String>,
+    /// Keep sessions in `agentgate.db` here (SQLite) when --store is not given.
+    #[arg(long, env = "AGENTGATE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     /// Most open client connections; beyond it a connection gets 503 (and
     /// `GET /healthz`) and is closed. Default: half the open-file limit, at most 4096.
     #[arg(long, env = "AGENTGATE_MAX_CONNECTIONS")]
@@ -404,6 +412,22 @@ pub struct Config {
     pub insecure: bool,
     /// Interval of SSE heartbeat comments.
     pub heartbeat: Duration,
+    /// Where sessions are kept.
+    pub store: crate::store::StoreSpec,
+}
+
+/// `sqlite:` under the data directory: `--data-dir`, else
+/// `$XDG_STATE_HOME/agentgate`, else `~/.local/state/agentgate` (the
+/// default-to-be; today `--data-dir` is always given when this is used).
+fn default_store(data_dir: Option<&Path>) -> crate::store::StoreSpec {
+    let dir = data_dir.map(Path::to_path_buf).unwrap_or_else(|| {
+        match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+            Some(state) => PathBuf::from(state).join("agentgate"),
+            None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into()))
+                .join(".local/state/agentgate"),
+        }
+    });
+    crate::store::StoreSpec::Sqlite(dir.join("agentgate.db"))
 }
 
 /// Half the soft open-file limit, between 16 and 4096: the other half is
@@ -497,6 +521,17 @@ impl Config {
             allowed_host: cli.allowed_host.clone(),
             insecure: cli.insecure,
             heartbeat: Duration::from_secs(15),
+            store: match &cli.store {
+                Some(spec) => spec
+                    .parse()
+                    .map_err(|e: String| ConfigError::new("--store", "value", e))?,
+                // `--data-dir` alone: SQLite there. Neither: memory for now
+                // (SPEC §7 makes SQLite the default; see README, known limits).
+                None => match &cli.data_dir {
+                    Some(dir) => default_store(Some(dir)),
+                    None => crate::store::StoreSpec::Memory,
+                },
+            },
         })
     }
 
@@ -510,7 +545,11 @@ impl Config {
         let matches = command.get_matches_from(["agentgate", "--listen", "127.0.0.1:0"]);
         let cli = Cli::from_arg_matches(&matches).expect("the built-in defaults parse");
         // No agent found on this machine: defaults are the same everywhere.
-        Config::resolve(&cli, self_exe, None, Vec::new()).expect("the built-in defaults are valid")
+        let mut config = Config::resolve(&cli, self_exe, None, Vec::new())
+            .expect("the built-in defaults are valid");
+        // Embedded and test gateways keep nothing unless told otherwise.
+        config.store = crate::store::StoreSpec::Memory;
+        config
     }
 
     /// Adds (or replaces) profiles from TOML text; for tests and embedding.

@@ -52,7 +52,33 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let registry = Registry::new(Arc::new(config));
+    let store = store::Store::open(&config.store)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    serve_with_store(config, store, listener, shutdown)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// [`serve`] with a store the caller opened (the binary opens it first, so
+/// a bad store stops start-up with one line and exit code 2). Sessions kept
+/// in the store come back `suspended` before the first request is served.
+pub async fn serve_with_store(
+    config: Config,
+    store: store::Store,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), store::StoreError> {
+    let described = store.describe();
+    let registry = Registry::with_store(Arc::new(config), Arc::new(store));
+    let restored = registry
+        .restore()
+        .await
+        .map_err(|e| store::StoreError::Open {
+            store: described.clone(),
+            detail: format!("cannot read its sessions: {e}"),
+        })?;
+    tracing::info!(store = %described, restored, "store open");
     let token = CancellationToken::new();
     let reaper = tokio::spawn(session::reaper::run(registry.clone(), token.clone()));
     let prewarm = tokio::spawn(session::prewarm::run(registry.clone(), token.clone()));
@@ -78,6 +104,7 @@ pub async fn serve(
     // A request that raced the shutdown may have created a session; close it too.
     registry.shutdown().await;
     tracing::info!("stopped");
+    Ok(())
 }
 
 /// Binds `config.listen`.

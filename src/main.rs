@@ -45,6 +45,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = agentgate::Config::from_cli(&cli, &exe)
         .map_err(|e| anyhow::anyhow!("configuration error: {e}"))?;
     refuse_unsafe(&config)?;
+    // Before listening: a store that cannot be used stops start-up (exit 2).
+    let store = agentgate::store::Store::open(&config.store).await?;
     let (listener, addr) = agentgate::bind(&config)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
@@ -54,7 +56,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "agentgate listening on http://{addr} (default agent: {})",
         config.default_agent
     );
-    agentgate::serve(config, listener, shutdown_signal()).await;
+    agentgate::serve_with_store(config, store, listener, shutdown_signal()).await?;
     Ok(())
 }
 

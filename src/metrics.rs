@@ -116,11 +116,12 @@ pub fn outcome(error: Option<FailureCode>) -> &'static str {
         Some(FailureCode::OutputLimit) => "output_limit",
         Some(FailureCode::Shutdown) => "shutdown",
         Some(FailureCode::Stalled) => "stalled",
+        Some(FailureCode::GatewayLost) => "gateway_lost",
     }
 }
 
 /// Every `outcome` label value.
-const OUTCOMES: [&str; 9] = [
+const OUTCOMES: [&str; 10] = [
     "completed",
     "timeout",
     "process_exited",
@@ -130,6 +131,7 @@ const OUTCOMES: [&str; 9] = [
     "output_limit",
     "shutdown",
     "stalled",
+    "gateway_lost",
 ];
 
 const STATES: [(SessionState, &str); 5] = [
@@ -507,6 +509,7 @@ mod tests {
             OutputLimit,
             Shutdown,
             Stalled,
+            GatewayLost,
         ] {
             let label = outcome(Some(code));
             assert!(OUTCOMES.contains(&label), "{label}");

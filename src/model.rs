@@ -73,6 +73,9 @@ pub enum FailureCode {
     Shutdown,
     /// The child printed nothing for the profile's `stall_timeout`.
     Stalled,
+    /// The gateway stopped (killed, restarted) while the message was queued
+    /// or running; found so by the next gateway on the same store.
+    GatewayLost,
 }
 
 /// `{code, detail}` of a failed message.

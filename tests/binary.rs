@@ -57,7 +57,8 @@ async fn sigterm_fails_running_messages_ends_streams_and_leaves_no_process() {
     let path = write_config(dir.path(), PROFILES);
     let mut child = KillOnDrop(
         sealed_command(dir.path())
-            .args(["--listen", "127.0.0.1:0", "--config"])
+            // Memory: the shutdown closes sessions (a durable store keeps them; tests/durable.rs).
+            .args(["--listen", "127.0.0.1:0", "--store", "memory", "--config"])
             .arg(&path)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -1124,7 +1124,16 @@ async fn the_example_profiles_parse_and_python_runs() {
         }
     }
     names.sort();
-    assert_eq!(names, ["bc.toml", "python.toml", "sqlite3.toml"]);
+    assert_eq!(
+        names,
+        [
+            "bc.toml",
+            "codex.toml",
+            "gemini.toml",
+            "python.toml",
+            "sqlite3.toml"
+        ]
+    );
     let home = tempfile::tempdir().unwrap();
     let mut child = sealed_command(home.path())
         .args(["--listen", "127.0.0.1:0", "--config"])

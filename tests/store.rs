@@ -21,6 +21,8 @@ fn session() -> SessionRecord {
         cwd: None,
         agent_session_id: Some("abc".into()),
         closed: None,
+        options: serde_json::json!({"model": "haiku"}),
+        forked_from: None,
     }
 }
 

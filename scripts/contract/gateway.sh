@@ -25,7 +25,11 @@ gateway_start() {
     # read a previous run's address.
     : >"$out"
     : >"$log"
+    # Sealed: no real agent, and no store in the runner's HOME.
     AGENTGATE_CLAUDE_BIN=/nonexistent/claude \
+    AGENTGATE_GEMINI_BIN=/nonexistent/gemini \
+    AGENTGATE_CODEX_ACP_BIN=/nonexistent/codex-acp \
+    AGENTGATE_STORE=memory \
         "$AGENTGATE_BIN" --listen 127.0.0.1:0 "$@" >"$out" 2>"$log" </dev/null &
     local pid=$!
     GATEWAY_PIDS+=("$pid")

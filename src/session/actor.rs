@@ -288,7 +288,25 @@ impl Actor {
                 timeout,
                 reply,
             } => {
-                let result = self.enqueue(content, timeout);
+                let mut result = self.enqueue(content, timeout);
+                if let Ok(m) = &result {
+                    // Acknowledged means stored: a message the store refused
+                    // is taken back and the client gets 503.
+                    if let Err(e) = self.persist_message(m.id).await {
+                        tracing::error!(session_id = %self.shared.id, error = %e, "cannot store a message");
+                        self.queue.pop_back();
+                        self.sync_queued();
+                        self.shared.unpush_message(m.id);
+                        result = Err(ApiError::Unavailable(e.to_string()));
+                    } else {
+                        let position = self.queue.len() - 1 + usize::from(self.current.is_some());
+                        self.publish(
+                            "message.queued",
+                            Some(m.id),
+                            json!({"message_id": m.id, "position": position}),
+                        );
+                    }
+                }
                 let id = result.as_ref().ok().map(|m| m.id);
                 if id.is_some() {
                     self.try_start_next().await;
@@ -370,7 +388,6 @@ impl Actor {
             usage: None,
             fallback: false,
         };
-        let position = self.queue.len() + usize::from(self.current.is_some());
         {
             let mut s = self.shared.status();
             let at = s.messages.len();
@@ -383,11 +400,6 @@ impl Actor {
             content,
             timeout: timeout.unwrap_or(self.shared.profile.timeout),
         });
-        self.publish(
-            "message.queued",
-            Some(id),
-            json!({"message_id": id, "position": position}),
-        );
         Ok(message)
     }
 
@@ -441,7 +453,8 @@ impl Actor {
                     let q = self.queue.pop_front().expect("non-empty");
                     self.sync_queued();
                     let detail = format!("cannot start {:?}: {e}", self.shared.profile.command[0]);
-                    self.fail_unstarted(q.id, FailureCode::SpawnFailed, &detail);
+                    self.fail_unstarted(q.id, FailureCode::SpawnFailed, &detail)
+                        .await;
                     self.set_state(SessionState::Suspended, Some("spawn_failed"));
                     if self.record_exit() {
                         self.close(CloseReason::Failed).await;
@@ -603,7 +616,7 @@ impl Actor {
                     None => Ok(Some(result.output)),
                     Some(e) => Err((e.code, e.detail)),
                 };
-                self.finish(outcome, result.usage);
+                self.finish(outcome, result.usage).await;
                 self.try_start_next().await;
             }
             None => {
@@ -614,7 +627,8 @@ impl Actor {
                         "the one-shot run ended without a result".into(),
                     )),
                     None,
-                );
+                )
+                .await;
                 self.try_start_next().await;
             }
         }
@@ -657,7 +671,8 @@ impl Actor {
         if let Some(run) = self.fallback.take() {
             // Aborting the run drops its child, which kills the child's group.
             run.task.abort();
-            self.finish(Err((FailureCode::Interrupted, String::new())), None);
+            self.finish(Err((FailureCode::Interrupted, String::new())), None)
+                .await;
             self.try_start_next().await;
             return;
         }
@@ -770,7 +785,8 @@ impl Actor {
                     } else {
                         format!("the agent exited ({exit}); stderr: {tail}")
                     };
-                    self.finish(Err((FailureCode::ProcessExited, detail)), None);
+                    self.finish(Err((FailureCode::ProcessExited, detail)), None)
+                        .await;
                 }
                 self.set_state(SessionState::Suspended, Some("exited"));
                 if !intentional && self.record_exit() {
@@ -881,7 +897,7 @@ impl Actor {
                     // it is not ready.
                     if self.current.is_some() {
                         let Outcome { result, usage } = outcome;
-                        self.finish(result, usage);
+                        self.finish(result, usage).await;
                         self.try_start_next().await;
                     }
                 }
@@ -892,7 +908,7 @@ impl Actor {
     /// Ends the current message with `result`, unless it was being stopped
     /// (then the stop's reason wins: an interrupted reply looks like an error
     /// to the agent but is an interruption to the client).
-    fn finish(
+    async fn finish(
         &mut self,
         result: Result<Option<String>, (FailureCode, String)>,
         usage: Option<Value>,
@@ -965,6 +981,10 @@ impl Actor {
         if error.is_none() {
             metrics.reply_completed(cur.started.elapsed());
         }
+        // A final state is stored before it is published.
+        if let Err(e) = self.persist_message(cur.id).await {
+            tracing::error!(session_id = %self.shared.id, message_id = %cur.id, error = %e, "cannot store a finished message");
+        }
         match error {
             None => {
                 let mut data = json!({"message_id": cur.id, "output": output, "duration_ms": duration_ms, "fallback": cur.fallback});
@@ -990,7 +1010,7 @@ impl Actor {
     }
 
     /// Fails a message that never reached the agent.
-    fn fail_unstarted(&self, id: Uuid, code: FailureCode, detail: &str) {
+    async fn fail_unstarted(&mut self, id: Uuid, code: FailureCode, detail: &str) {
         let error = MessageError {
             code,
             detail: detail.to_string(),
@@ -1001,6 +1021,9 @@ impl Actor {
             m.finished_at = Some(OffsetDateTime::now_utc());
         });
         self.registry.metrics.message_finished(Some(code));
+        if let Err(e) = self.persist_message(id).await {
+            tracing::error!(session_id = %self.shared.id, message_id = %id, error = %e, "cannot store a failed message");
+        }
         self.publish(
             "message.failed",
             Some(id),
@@ -1142,6 +1165,41 @@ impl Actor {
         self.sync_queued();
     }
 
+    /// Writes message `id` as it stands to the store (nothing for `memory`).
+    fn persist_message(
+        &self,
+        id: Uuid,
+    ) -> impl std::future::Future<Output = Result<(), crate::store::StoreError>> + Send + 'static
+    {
+        // Owned pieces only: the future must not borrow the (non-Sync) actor.
+        let store = self.registry.store.clone();
+        let found = store
+            .is_durable()
+            .then(|| self.shared.message_at(id))
+            .flatten();
+        async move {
+            match found {
+                Some((ord, m)) => store.save_message(ord, &m).await,
+                None => Ok(()),
+            }
+        }
+    }
+
+    /// Writes the session's record to the store in the background (a new
+    /// `agent_session_id`, a close by the gateway).
+    fn persist_session(&self, closed: Option<&str>) {
+        let store = self.registry.store.clone();
+        if !store.is_durable() {
+            return;
+        }
+        let record = self.shared.record(closed);
+        tokio::spawn(async move {
+            if let Err(e) = store.save_session(&record).await {
+                tracing::error!(session_id = %record.id, error = %e, "cannot store the session");
+            }
+        });
+    }
+
     /// Output that belongs to no message: logged and counted, never attributed.
     fn unattributed(&self, bytes: usize) {
         self.registry.metrics.unattributed(bytes);
@@ -1176,11 +1234,13 @@ impl Actor {
             run.task.abort();
         }
         if self.current.is_some() {
-            self.finish(Err((FailureCode::Shutdown, detail.to_string())), None);
+            self.finish(Err((FailureCode::Shutdown, detail.to_string())), None)
+                .await;
             // `finish` keeps a stop reason if one was pending; a close overrides nothing else.
         }
         while let Some(q) = self.queue.pop_front() {
-            self.fail_unstarted(q.id, FailureCode::Shutdown, detail);
+            self.fail_unstarted(q.id, FailureCode::Shutdown, detail)
+                .await;
         }
         self.sync_queued();
         self.stop_child().await;
@@ -1193,6 +1253,18 @@ impl Actor {
             CloseReason::Shutdown => "shutdown",
             CloseReason::Failed => "failed",
         };
+        if reason == CloseReason::Shutdown && self.registry.store.is_durable() {
+            // The session outlives this gateway: open streams end with it
+            // suspended, and an EventSource reconnects to the next gateway.
+            self.set_state(SessionState::Suspended, Some("shutdown"));
+            self.shared.log.close();
+            self.shared.finished.send_modify(|n| *n += 1);
+            tracing::info!(session_id = %self.shared.id, "session suspended for shutdown; kept in the store");
+            return;
+        }
+        if matches!(reason, CloseReason::Expired | CloseReason::Failed) {
+            self.persist_session(Some(label));
+        }
         self.set_state(SessionState::Closed, Some(label));
         self.registry.metrics.session_closed(label);
         self.publish("session.closed", None, json!({"reason": reason}));

@@ -75,6 +75,8 @@ pub struct EventLog {
     last: watch::Sender<u64>,
     max_events: usize,
     max_bytes: usize,
+    /// Where every published event also goes (the store's writer).
+    sink: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Arc<StoredEvent>>>,
 }
 
 impl EventLog {
@@ -90,7 +92,59 @@ impl EventLog {
             last: watch::channel(0).0,
             max_events: max_events.max(1),
             max_bytes,
+            sink: std::sync::OnceLock::new(),
         })
+    }
+
+    /// A log that continues a stored one: `events` (oldest first) are
+    /// replayed as they were, and new events get ids from `next_seq` on (ids
+    /// between the last stored one and `next_seq` were lost with the previous
+    /// gateway: a reader asking for them gets `stream.gap`).
+    pub fn restore(
+        max_events: usize,
+        max_bytes: usize,
+        events: Vec<(u64, String, Option<Uuid>, String)>,
+        next_seq: u64,
+    ) -> Arc<EventLog> {
+        let log = EventLog::new(max_events, max_bytes);
+        {
+            let mut ring = log.ring.lock().expect("event ring poisoned");
+            for (seq, name, message_id, data) in events {
+                let mut frame = Vec::with_capacity(data.len() + 40);
+                frame.extend_from_slice(b"event:");
+                frame.extend_from_slice(name.as_bytes());
+                frame.extend_from_slice(b"\ndata:");
+                let start = frame.len();
+                frame.extend_from_slice(data.as_bytes());
+                let range = start..frame.len();
+                frame.extend_from_slice(b"\nid:");
+                push_decimal(&mut frame, seq);
+                frame.extend_from_slice(b"\n\n");
+                ring.bytes += range.len();
+                ring.events.push_back(Arc::new(StoredEvent {
+                    seq,
+                    name: static_name(&name),
+                    message_id,
+                    frame: Bytes::from(frame),
+                    data: range,
+                }));
+            }
+            ring.next_seq = next_seq.max(ring.events.back().map_or(1, |e| e.seq + 1));
+        }
+        let last = log.last_seq();
+        log.last.send_replace(last);
+        log
+    }
+
+    /// Sends every event published from now on to `sink` as well.
+    pub fn set_sink(&self, sink: tokio::sync::mpsc::UnboundedSender<Arc<StoredEvent>>) {
+        let _ = self.sink.set(sink);
+    }
+
+    /// The id of the oldest event still kept (the next id when none is).
+    pub fn first_seq(&self) -> u64 {
+        let ring = self.ring.lock().expect("event ring poisoned");
+        ring.events.front().map_or(ring.next_seq, |e| e.seq)
     }
 
     /// Appends an event and wakes subscribers; returns its sequence id.
@@ -124,13 +178,18 @@ impl EventLog {
             // The ring keeps frames for replay: no spare capacity (in place).
             frame.shrink_to_fit();
             ring.bytes += data.len();
-            ring.events.push_back(Arc::new(StoredEvent {
+            let event = Arc::new(StoredEvent {
                 seq,
                 name,
                 message_id,
                 frame: Bytes::from(frame),
                 data,
-            }));
+            });
+            if let Some(sink) = self.sink.get() {
+                // Under the lock: the writer receives events in id order.
+                let _ = sink.send(event.clone());
+            }
+            ring.events.push_back(event);
             while ring.events.len() > self.max_events
                 || (ring.bytes > self.max_bytes && ring.events.len() > 1)
             {
@@ -253,6 +312,27 @@ impl Subscription {
     pub fn cursor(&self) -> u64 {
         self.cursor
     }
+}
+
+/// Every event name the gateway publishes, as the `&'static str` a
+/// [`StoredEvent`] holds (names read back from the store map onto these).
+fn static_name(name: &str) -> &'static str {
+    const NAMES: [&str; 10] = [
+        "session.state",
+        "message.queued",
+        "message.started",
+        "message.delta",
+        "message.permission_request",
+        "message.agent_event",
+        "message.completed",
+        "message.failed",
+        "stream.gap",
+        "session.closed",
+    ];
+    NAMES
+        .into_iter()
+        .find(|n| *n == name)
+        .unwrap_or("message.agent_event")
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 
 mod actor;
 pub mod events;
+mod persist;
 pub mod prewarm;
 pub mod reaper;
 mod registry;
@@ -171,6 +172,41 @@ impl SessionShared {
             options: s.options.clone(),
             usage: sum_usage(&s.messages),
             forked_from: self.forked_from,
+        }
+    }
+
+    /// What the store keeps of it (`closed`: why it was closed, if it was).
+    pub fn record(&self, closed: Option<&str>) -> crate::store::SessionRecord {
+        let s = self.status();
+        crate::store::SessionRecord {
+            id: self.id,
+            agent: self.profile.name.clone(),
+            created_at: self.created_at,
+            last_activity_at: s.last_activity_at,
+            title: s.title.clone(),
+            metadata: s.metadata.clone(),
+            cwd: self.cwd.as_ref().map(|p| p.display().to_string()),
+            agent_session_id: s.agent_session_id.clone(),
+            closed: closed.map(str::to_string),
+            options: serde_json::to_value(&s.options).unwrap_or_default(),
+            forked_from: self.forked_from,
+        }
+    }
+
+    /// Message `id` and its place in the history (for the store).
+    pub(crate) fn message_at(&self, id: Uuid) -> Option<(u64, Message)> {
+        let s = self.status();
+        s.index
+            .get(&id)
+            .map(|i| (*i as u64, s.messages[*i].clone()))
+    }
+
+    /// Drops message `id` (the last one) again: the store refused it.
+    pub(crate) fn unpush_message(&self, id: Uuid) {
+        let mut s = self.status();
+        if s.messages.last().is_some_and(|m| m.id == id) {
+            s.messages.pop();
+            s.index.remove(&id);
         }
     }
 

@@ -46,6 +46,8 @@ pub struct Registry {
     waiters: Mutex<Vec<Uuid>>,
     shutting_down: AtomicBool,
     pool: super::prewarm::Pool,
+    /// Where sessions are kept.
+    pub store: Arc<crate::store::Store>,
     /// The gateway's metrics (`GET /metrics`).
     pub metrics: crate::metrics::Metrics,
 }
@@ -53,7 +55,13 @@ pub struct Registry {
 impl Registry {
     /// An empty registry.
     pub fn new(config: Arc<Config>) -> Arc<Registry> {
+        Registry::with_store(config, Arc::new(crate::store::Store::memory()))
+    }
+
+    /// An empty registry whose sessions are kept in `store`.
+    pub fn with_store(config: Arc<Config>, store: Arc<crate::store::Store>) -> Arc<Registry> {
         Arc::new(Registry {
+            store,
             config,
             sessions: DashMap::new(),
             reserved: AtomicUsize::new(0),
@@ -183,6 +191,35 @@ impl Registry {
             finished: watch::channel(0).0,
             released: AtomicBool::new(false),
         });
+        if self.store.is_durable() {
+            // Acknowledged means stored: a session the store refused is not created.
+            let stored = async {
+                self.store.save_session(&shared.record(None)).await?;
+                self.store
+                    .reserve_events(id, super::persist::RESERVE)
+                    .await?;
+                for (ord, m) in shared
+                    .messages(None, usize::MAX)
+                    .unwrap_or_default()
+                    .iter()
+                    .enumerate()
+                {
+                    self.store.save_message(ord as u64, m).await?;
+                }
+                Ok::<(), crate::store::StoreError>(())
+            };
+            if let Err(e) = stored.await {
+                self.reserved.fetch_sub(1, Ordering::SeqCst);
+                tracing::error!(error = %e, "cannot store a new session");
+                return Err(ApiError::Unavailable(e.to_string()));
+            }
+            super::persist::spawn_writer(
+                self.store.clone(),
+                id,
+                &shared.log,
+                super::persist::RESERVE,
+            );
+        }
         let (tx, rx) = mpsc::channel(64);
         let handle = SessionHandle {
             shared: shared.clone(),
@@ -250,7 +287,118 @@ impl Registry {
             .ok_or_else(|| ApiError::NotFound(format!("no session {id}")))?;
         handle.close(CloseReason::Deleted).await;
         self.release(&handle.shared);
+        if let Err(e) = self.store.delete_session(handle.id()).await {
+            tracing::error!(session_id = %handle.id(), error = %e, "cannot delete the session from the store");
+        }
         Ok(())
+    }
+
+    /// Brings back every open session of the store, each `suspended` with
+    /// its history and event log; a message that was queued or running when
+    /// the previous gateway stopped fails with `gateway_lost`, and event ids
+    /// continue after the highest one the previous gateway could have used.
+    /// Returns how many sessions came back.
+    pub async fn restore(self: &Arc<Self>) -> Result<usize, crate::store::StoreError> {
+        use crate::model::{FailureCode, MessageError, MessageStatus};
+        let mut restored = 0;
+        for (record, ceiling) in self.store.load_sessions().await? {
+            if record.closed.is_some() {
+                continue;
+            }
+            let Some(profile) = self.config.profiles.get(&record.agent).cloned() else {
+                tracing::warn!(session_id = %record.id, agent = %record.agent, "a stored session's profile no longer exists; not restored");
+                continue;
+            };
+            let id = record.id;
+            let mut messages = self.store.load_messages(id).await?;
+            let mut lost = Vec::new();
+            for (ord, m) in messages.iter_mut().enumerate() {
+                if matches!(m.status, MessageStatus::Queued | MessageStatus::Running) {
+                    m.status = MessageStatus::Failed;
+                    m.error = Some(MessageError {
+                        code: FailureCode::GatewayLost,
+                        detail: "the gateway stopped while this message was queued or running"
+                            .into(),
+                    });
+                    m.finished_at = Some(OffsetDateTime::now_utc());
+                    self.store.save_message(ord as u64, m).await?;
+                    lost.push(m.clone());
+                }
+            }
+            let events: Vec<_> = self
+                .store
+                .load_events(id)
+                .await?
+                .into_iter()
+                .map(|e| (e.seq, e.name, e.message_id, e.data))
+                .collect();
+            let last = events.last().map_or(0, |e| e.0);
+            let next_seq = ceiling.max(last) + 1;
+            let new_ceiling = next_seq + super::persist::RESERVE;
+            self.store.reserve_events(id, new_ceiling).await?;
+            let log = EventLog::restore(
+                self.config.replay_events,
+                self.config.replay_bytes,
+                events,
+                next_seq,
+            );
+            let index = messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (m.id, i))
+                .collect();
+            let options = serde_json::from_value(record.options.clone()).unwrap_or_default();
+            let shared = Arc::new(SessionShared {
+                id,
+                profile: profile.clone(),
+                created_at: record.created_at,
+                forked_from: record.forked_from,
+                cwd: record.cwd.as_ref().map(PathBuf::from),
+                log: log.clone(),
+                idle_timeout: self.config.idle_timeout,
+                status: Mutex::new(Status {
+                    state: SessionState::Suspended,
+                    pid: None,
+                    last_activity: Instant::now(),
+                    last_activity_at: record.last_activity_at,
+                    messages,
+                    index,
+                    queued: 0,
+                    agent_session_id: record.agent_session_id.clone(),
+                    title: record.title.clone(),
+                    metadata: record.metadata.clone(),
+                    options,
+                    fork_from: None,
+                    last_total_cost: None,
+                }),
+                finished: watch::channel(0).0,
+                released: AtomicBool::new(false),
+            });
+            super::persist::spawn_writer(self.store.clone(), id, &log, new_ceiling);
+            for m in &lost {
+                log.publish(
+                    "message.failed",
+                    Some(m.id),
+                    &serde_json::json!({"message_id": m.id, "error": m.error}),
+                );
+            }
+            log.publish(
+                "session.state",
+                None,
+                &serde_json::json!({"state": SessionState::Suspended, "reason": "restarted"}),
+            );
+            self.reserved.fetch_add(1, Ordering::SeqCst);
+            let (tx, rx) = mpsc::channel(64);
+            let handle = SessionHandle {
+                shared: shared.clone(),
+                tx,
+            };
+            self.sessions.insert(id, handle);
+            let span = tracing::info_span!("session", session_id = %id, agent = %profile.name);
+            tokio::spawn(Actor::new(shared, self.clone(), rx).run().instrument(span));
+            restored += 1;
+        }
+        Ok(restored)
     }
 
     /// Closes session `id` for `reason` (expiry): it stays readable as a

@@ -127,6 +127,12 @@ pub struct SessionRecord {
     pub agent_session_id: Option<String>,
     /// Why it was closed, once it is.
     pub closed: Option<String>,
+    /// The options its children start with.
+    #[serde(default)]
+    pub options: serde_json::Value,
+    /// The session it was forked from.
+    #[serde(default)]
+    pub forked_from: Option<Uuid>,
 }
 
 /// One stored event.

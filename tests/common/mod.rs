@@ -42,7 +42,9 @@ pub fn sealed_command(home: &Path) -> std::process::Command {
         "AGENTGATE_CODEX_ACP_BIN",
         "/nonexistent/agentgate-tests/codex-acp",
     )
-    .env("HOME", home);
+    .env("HOME", home)
+    // The default store lives under the state directory: keep it in `home`.
+    .env_remove("XDG_STATE_HOME");
     cmd
 }
 

@@ -181,7 +181,13 @@ impl Actor {
         if s.fork_from.as_ref().is_some_and(|f| *f != id) {
             s.fork_from = None;
         }
+        let changed = s.agent_session_id.as_deref() != Some(id.as_str());
         s.agent_session_id = Some(id);
+        drop(s);
+        if changed {
+            // The next gateway resumes this conversation.
+            self.persist_session(None);
+        }
     }
 
     /// Adds this message's `cost_usd` to `usage`: claude reports a running

@@ -1,0 +1,226 @@
+//! Durable sessions with the real binary: `kill -9` of the gateway
+//! mid-conversation, then a restart on the same store (a SQLite file, and
+//! the throwaway PostgreSQL the test command starts), then a clean SIGTERM
+//! restart. Acknowledged messages, history and event ids survive; what was
+//! running fails `gateway_lost`; a reader resuming with `Last-Event-ID` gets
+//! only later ids.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(30);
+
+const PROFILES: &str = r#"
+[agents.sed]
+command = ["sed", "-u", "a __END__"]
+protocol = "lines"
+end_marker = "^__END__$"
+stop_grace = "1s"
+
+[agents.silent]
+command = ["python3", "-u", "-c", "import sys\nfor line in sys.stdin:\n    pass"]
+protocol = "lines"
+end_marker = "^__END__$"
+stop_grace = "300ms"
+"#;
+
+struct Node {
+    child: KillOnDrop,
+    base: String,
+}
+
+fn start(home: &std::path::Path, store: &str) -> Node {
+    let config = home.join("agents.toml");
+    std::fs::write(&config, PROFILES).unwrap();
+    let mut child = KillOnDrop(
+        sealed_command(home)
+            .args(["--listen", "127.0.0.1:0", "--store", store, "--config"])
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let line = first_line(child.stdout.take().unwrap(), T);
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    Node {
+        child,
+        base: format!("http://{addr}"),
+    }
+}
+
+async fn get(http: &reqwest::Client, url: String) -> Value {
+    let res = http.get(&url).send().await.unwrap();
+    assert!(res.status().is_success(), "GET {url}: {}", res.status());
+    res.json().await.unwrap()
+}
+
+async fn ask(http: &reqwest::Client, base: &str, id: &str, content: &str) -> Value {
+    let res = http
+        .post(format!("{base}/sessions/{id}/messages?wait=true"))
+        .json(&json!({"content": content}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    res.json().await.unwrap()
+}
+
+async fn restart_loses_nothing(store: &str) {
+    let home = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::builder().timeout(T).build().unwrap();
+    let mut node = start(home.path(), store);
+    let base = node.base.clone();
+    let s = post_json(&http, format!("{base}/sessions"), json!({"agent": "sed"})).await;
+    let id = s["id"].as_str().unwrap().to_string();
+    let first_pid = s["pid"].as_u64().unwrap() as u32;
+    assert_eq!(ask(&http, &base, &id, "one").await["output"], "one\n");
+    assert_eq!(ask(&http, &base, &id, "two").await["output"], "two\n");
+    let quiet = post_json(
+        &http,
+        format!("{base}/sessions"),
+        json!({"agent": "silent"}),
+    )
+    .await;
+    let quiet_id = quiet["id"].as_str().unwrap().to_string();
+    let res = http
+        .post(format!("{base}/sessions/{quiet_id}/messages"))
+        .json(&json!({"content": "never answered"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    let lost: Value = res.json().await.unwrap();
+    let lost_id = lost["id"].as_str().unwrap().to_string();
+    // Every event so far, as a reader saw it live.
+    let seen = read_sse(
+        http.get(format!("{base}/sessions/{id}/events"))
+            .send()
+            .await
+            .unwrap(),
+        T,
+        |i| i.event.as_deref() == Some("message.completed") && i.data["output"] == "two\n",
+    )
+    .await;
+    let last_seen = seen.iter().filter_map(|i| i.id).max().unwrap();
+
+    // kill -9: no shutdown at all.
+    node.child.kill().unwrap();
+    node.child.wait().unwrap();
+    eventually(T, || async { !alive(first_pid) }).await;
+
+    let node = start(home.path(), store);
+    let base = node.base.clone();
+    let view = get(&http, format!("{base}/sessions/{id}")).await;
+    assert_eq!(view["state"], "suspended");
+    assert_eq!(view["message_count"], 2);
+    let history = get(&http, format!("{base}/sessions/{id}/messages")).await;
+    let outputs: Vec<&str> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["output"].as_str().unwrap())
+        .collect();
+    assert_eq!(outputs, ["one\n", "two\n"]);
+    let m = get(
+        &http,
+        format!("{base}/sessions/{quiet_id}/messages/{lost_id}"),
+    )
+    .await;
+    assert_eq!(m["status"], "failed");
+    assert_eq!(m["error"]["code"], "gateway_lost");
+    // Resuming after the last id seen: only later ids, the restart said.
+    let res = http
+        .get(format!("{base}/sessions/{id}/events"))
+        .header("last-event-id", last_seen.to_string())
+        .send()
+        .await
+        .unwrap();
+    let resumed = read_sse(res, T, |i| i.data["reason"] == "restarted").await;
+    assert!(resumed.iter().filter_map(|i| i.id).all(|n| n > last_seen));
+    // The conversation goes on, with ids that continue.
+    assert_eq!(ask(&http, &base, &id, "three").await["output"], "three\n");
+    let after = read_sse(
+        http.get(format!("{base}/sessions/{id}/events?after={last_seen}"))
+            .send()
+            .await
+            .unwrap(),
+        T,
+        |i| i.event.as_deref() == Some("message.completed"),
+    )
+    .await;
+    let ids: Vec<u64> = after.iter().filter_map(|i| i.id).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    assert!(ids.iter().all(|n| *n > last_seen), "{ids:?}");
+
+    // A clean SIGTERM restart loses nothing either.
+    let mut node = node;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(node.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    node.child.wait().unwrap();
+    let node = start(home.path(), store);
+    let view = get(&http, format!("{}/sessions/{id}", node.base)).await;
+    assert_eq!(view["state"], "suspended");
+    assert_eq!(view["message_count"], 3);
+    assert_eq!(
+        ask(&http, &node.base, &id, "four").await["output"],
+        "four\n"
+    );
+    // DELETE removes it from the store too.
+    let res = http
+        .delete(format!("{}/sessions/{id}", node.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    drop(node);
+    let node = start(home.path(), store);
+    let res = http
+        .get(format!("{}/sessions/{id}", node.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+}
+
+#[tokio::test]
+async fn a_killed_gateway_comes_back_on_its_sqlite_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite:{}", dir.path().join("agentgate.db").display());
+    restart_loses_nothing(&store).await;
+}
+
+#[tokio::test]
+async fn a_killed_gateway_comes_back_on_postgres() {
+    let url = std::env::var("AGENTGATE_TEST_POSTGRES")
+        .expect("AGENTGATE_TEST_POSTGRES: run through scripts/test.sh, which starts PostgreSQL");
+    restart_loses_nothing(&url).await;
+}
+
+#[test]
+fn a_second_gateway_on_the_same_sqlite_file_exits_2() {
+    let home = tempfile::tempdir().unwrap();
+    let store = format!("sqlite:{}", home.path().join("agentgate.db").display());
+    let _first = start(home.path(), &store);
+    let out = sealed_command(home.path())
+        .args(["--listen", "127.0.0.1:0", "--store", &store])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("another agentgate"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
