@@ -100,8 +100,33 @@ pub struct CreateSession {
     /// Free JSON for clients; stored and returned as is.
     pub metadata: Option<Value>,
     /// Per-session agent options, each within the profile's `client_options`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object_only")]
     pub options: crate::options::SessionOptions,
+}
+
+/// A struct from a JSON object only: serde's derived structs also take a
+/// JSON array (fields in order), which the API's schema does not allow.
+fn object_only<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    use serde::de::Error;
+    let value = Value::deserialize(d)?;
+    if !value.is_object() {
+        return Err(D::Error::custom(format!(
+            "expected a JSON object, not {}",
+            match value {
+                Value::Array(_) => "an array",
+                Value::Null => "null",
+                Value::Bool(_) => "a boolean",
+                Value::Number(_) => "a number",
+                Value::String(_) => "a string",
+                Value::Object(_) => "an object",
+            }
+        )));
+    }
+    serde_json::from_value(value).map_err(D::Error::custom)
 }
 
 /// `PATCH /sessions/{id}` body: what changes; absent fields stay.
@@ -347,4 +372,17 @@ pub struct Health {
     pub sessions: usize,
     /// Crate version.
     pub version: String,
+}
+
+#[cfg(test)]
+mod object_only_tests {
+    use super::CreateSession;
+
+    #[test]
+    fn options_must_be_an_object() {
+        assert!(serde_json::from_str::<CreateSession>(r#"{"options": [null, null]}"#).is_err());
+        assert!(serde_json::from_str::<CreateSession>(r#"{"options": null}"#).is_err());
+        assert!(serde_json::from_str::<CreateSession>(r#"{"options": {}}"#).is_ok());
+        assert!(serde_json::from_str::<CreateSession>(r#"{}"#).is_ok());
+    }
 }
