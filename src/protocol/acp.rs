@@ -55,9 +55,7 @@ struct Asked {
 /// Adapter for an ACP agent.
 #[derive(Debug, Default)]
 pub struct Acp {
-    line: Vec<u8>,
-    /// Where the search for the next newline resumes.
-    scanned: usize,
+    lines: super::jsonl::LineSplitter,
     next_id: u64,
     calls: HashMap<u64, Call>,
     cwd: PathBuf,
@@ -322,26 +320,15 @@ impl Adapter for Acp {
     }
 
     fn stdout(&mut self, chunk: &[u8], out: &mut Vec<Signal>) {
-        self.line.extend_from_slice(chunk);
-        let mut start = 0;
-        let mut search = self.scanned;
-        while let Some(pos) = self.line[search..].iter().position(|b| *b == b'\n') {
-            let end = search + pos;
-            let line = self.line[start..end].to_vec();
+        for line in self.lines.push(chunk) {
             self.line(&line, out);
-            start = end + 1;
-            search = start;
         }
-        self.line.drain(..start);
-        self.scanned = self.line.len();
     }
 
     fn stderr(&mut self, _chunk: &[u8], _out: &mut Vec<Signal>) {}
 
     fn eof(&mut self, out: &mut Vec<Signal>) {
-        if !self.line.is_empty() {
-            let line = std::mem::take(&mut self.line);
-            self.scanned = 0;
+        if let Some(line) = self.lines.finish() {
             self.line(&line, out);
         }
     }

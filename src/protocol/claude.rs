@@ -15,9 +15,7 @@ use crate::model::{FailureCode, PermissionBehavior, PermissionDecision};
 /// Adapter for the Claude Code CLI in stream-json mode.
 #[derive(Debug, Default)]
 pub struct StreamJson {
-    line: Vec<u8>,
-    /// Where the search for the next newline resumes (lines can be huge).
-    scanned: usize,
+    lines: super::jsonl::LineSplitter,
     /// Whether this reply has streamed text deltas (`--include-partial-messages`).
     saw_partial: bool,
     next_request: u64,
@@ -220,26 +218,15 @@ impl Adapter for StreamJson {
     }
 
     fn stdout(&mut self, chunk: &[u8], out: &mut Vec<Signal>) {
-        self.line.extend_from_slice(chunk);
-        let mut start = 0;
-        let mut search = self.scanned;
-        while let Some(pos) = self.line[search..].iter().position(|b| *b == b'\n') {
-            let end = search + pos;
-            let line = self.line[start..end].to_vec();
+        for line in self.lines.push(chunk) {
             self.line(&line, out);
-            start = end + 1;
-            search = start;
         }
-        self.line.drain(..start);
-        self.scanned = self.line.len();
     }
 
     fn stderr(&mut self, _chunk: &[u8], _out: &mut Vec<Signal>) {}
 
     fn eof(&mut self, out: &mut Vec<Signal>) {
-        if !self.line.is_empty() {
-            let line = std::mem::take(&mut self.line);
-            self.scanned = 0;
+        if let Some(line) = self.lines.finish() {
             self.line(&line, out);
         }
     }

@@ -7,6 +7,7 @@
 
 pub mod acp;
 pub mod claude;
+pub mod jsonl;
 pub mod lines;
 pub mod utf8;
 
