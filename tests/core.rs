@@ -84,19 +84,6 @@ fn id_of(v: &Value) -> String {
     v["id"].as_str().unwrap().to_string()
 }
 
-/// Message `mid` once it is no longer queued or running (bounded by `T`).
-async fn finished(gw: &Gateway, id: &str, mid: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        let m = gw.get_json(&format!("/sessions/{id}/messages/{mid}")).await;
-        if !matches!(m["status"].as_str(), Some("queued" | "running")) {
-            return m;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{mid} still {m}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// One sample of `/metrics`, by its exact name and labels.
 async fn metric(gw: &Gateway, name: &str) -> f64 {
     let text = gw.get("/metrics").await.text().await.unwrap();
@@ -124,7 +111,7 @@ async fn a_child_ended_by_the_gateways_interrupt_is_not_a_crash() {
             .post(&format!("/sessions/{id}/interrupt"), json!({}))
             .await;
         assert_eq!(res.status(), 202, "round {round}");
-        let done = finished(&gw, &id, &mid).await;
+        let done = gw.finished(&id, &mid).await;
         assert_eq!(done["status"], "interrupted", "round {round}: {done}");
         assert_eq!(
             done["output"], "working\npartial\n",
@@ -162,7 +149,7 @@ async fn interrupts_racing_replies_never_close_the_session() {
             .await
             .unwrap();
         let interrupt = res.status().as_u16();
-        let done = finished(&gw, &id, &mid).await;
+        let done = gw.finished(&id, &mid).await;
         match interrupt {
             409 => {
                 assert_eq!(done["status"], "completed", "round {round}: {done}");

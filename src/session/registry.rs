@@ -220,14 +220,7 @@ impl Registry {
                 super::persist::RESERVE,
             );
         }
-        let (tx, rx) = mpsc::channel(64);
-        let handle = SessionHandle {
-            shared: shared.clone(),
-            tx,
-        };
-        self.sessions.insert(id, handle.clone());
-        let span = tracing::info_span!("session", session_id = %id, agent = %profile.name);
-        tokio::spawn(Actor::new(shared, self.clone(), rx).run().instrument(span));
+        let handle = self.launch(shared);
         tracing::info!(session_id = %id, agent = %profile.name, "session created");
         self.metrics.session_created();
         // A warm child was started with the profile's cwd: only for sessions without their own.
@@ -238,6 +231,20 @@ impl Registry {
         let _ = handle.tx.send(Command::Start { warm, reply }).await;
         let _ = started.await;
         Ok(handle)
+    }
+
+    /// Registers `shared` and starts the task that owns its child.
+    fn launch(self: &Arc<Self>, shared: Arc<SessionShared>) -> SessionHandle {
+        let (tx, rx) = mpsc::channel(64);
+        let handle = SessionHandle {
+            shared: shared.clone(),
+            tx,
+        };
+        self.sessions.insert(shared.id, handle.clone());
+        let span =
+            tracing::info_span!("session", session_id = %shared.id, agent = %shared.profile.name);
+        tokio::spawn(Actor::new(shared, self.clone(), rx).run().instrument(span));
+        handle
     }
 
     /// The prewarm pool.
@@ -388,14 +395,7 @@ impl Registry {
                 &serde_json::json!({"state": SessionState::Suspended, "reason": "restarted"}),
             );
             self.reserved.fetch_add(1, Ordering::SeqCst);
-            let (tx, rx) = mpsc::channel(64);
-            let handle = SessionHandle {
-                shared: shared.clone(),
-                tx,
-            };
-            self.sessions.insert(id, handle);
-            let span = tracing::info_span!("session", session_id = %id, agent = %profile.name);
-            tokio::spawn(Actor::new(shared, self.clone(), rx).run().instrument(span));
+            self.launch(shared);
             restored += 1;
         }
         Ok(restored)
