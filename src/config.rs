@@ -61,11 +61,12 @@ pub struct Cli {
     #[arg(long, env = "AGENTGATE_MAX_ONESHOT", default_value_t = 16)]
     pub max_oneshot: usize,
     /// Where sessions are kept: `sqlite:PATH`, `postgres://…` or `memory`
-    /// (nothing survives a restart). Default: `sqlite:` in --data-dir when
-    /// that is given, else `memory`.
+    /// (nothing survives a restart). Default: `sqlite:` in --data-dir.
     #[arg(long, env = "AGENTGATE_STORE", hide_env_values = true)]
     pub store: Option<String>,
-    /// Keep sessions in `agentgate.db` here (SQLite) when --store is not given.
+    /// Keep sessions in `agentgate.db` here (SQLite) when --store is not
+    /// given. Default: `$XDG_STATE_HOME/agentgate`, else
+    /// `~/.local/state/agentgate`.
     #[arg(long, env = "AGENTGATE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Most open client connections; beyond it a connection gets 503 (and
@@ -416,9 +417,9 @@ pub struct Config {
     pub store: crate::store::StoreSpec,
 }
 
-/// `sqlite:` under the data directory: `--data-dir`, else
-/// `$XDG_STATE_HOME/agentgate`, else `~/.local/state/agentgate` (the
-/// default-to-be; today `--data-dir` is always given when this is used).
+/// The default store: `agentgate.db` (SQLite) in the data directory:
+/// `--data-dir`, else `$XDG_STATE_HOME/agentgate`, else
+/// `~/.local/state/agentgate`.
 fn default_store(data_dir: Option<&Path>) -> crate::store::StoreSpec {
     let dir = data_dir.map(Path::to_path_buf).unwrap_or_else(|| {
         match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
@@ -525,12 +526,8 @@ impl Config {
                 Some(spec) => spec
                     .parse()
                     .map_err(|e: String| ConfigError::new("--store", "value", e))?,
-                // `--data-dir` alone: SQLite there. Neither: memory for now
-                // (SPEC §7 makes SQLite the default; see README, known limits).
-                None => match &cli.data_dir {
-                    Some(dir) => default_store(Some(dir)),
-                    None => crate::store::StoreSpec::Memory,
-                },
+                // SQLite under `--data-dir` or the state directory.
+                None => default_store(cli.data_dir.as_deref()),
             },
         })
     }

@@ -70,6 +70,7 @@ pub async fn serve_with_store(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), store::StoreError> {
     let described = store.describe();
+    end_leftover_children(&store).await?;
     let registry = Registry::with_store(Arc::new(config), Arc::new(store));
     let restored = registry
         .restore()
@@ -106,6 +107,48 @@ pub async fn serve_with_store(
     tracing::info!("stopped");
     Ok(())
 }
+
+/// Ends the process groups a killed gateway left running on this store
+/// (see [`process::leftovers`]), before anything is served.
+async fn end_leftover_children(store: &store::Store) -> Result<(), store::StoreError> {
+    use process::leftovers::{Gateway, Leftover};
+    let orphaned: Vec<store::ChildRecord> = store
+        .load_children()
+        .await?
+        .into_iter()
+        .filter(|c| {
+            Gateway {
+                host: c.host.clone(),
+                pid: c.gateway_pid,
+                start_time: c.gateway_start,
+            }
+            .is_gone()
+        })
+        .collect();
+    if orphaned.is_empty() {
+        return Ok(());
+    }
+    let groups: Vec<Leftover> = orphaned
+        .iter()
+        .map(|c| Leftover {
+            pid: c.pid,
+            start_time: c.start_time,
+        })
+        .collect();
+    let ended = process::leftovers::end(&groups, LEFTOVER_GRACE).await;
+    tracing::info!(
+        recorded = groups.len(),
+        ended,
+        "children of a killed gateway checked"
+    );
+    for c in &orphaned {
+        store.forget_child(c.session_id, c.pid).await?;
+    }
+    Ok(())
+}
+
+/// How long a leftover child gets between SIGTERM and SIGKILL at start-up.
+const LEFTOVER_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Binds `config.listen`.
 pub async fn bind(config: &Config) -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {

@@ -414,6 +414,8 @@ struct Binary {
     /// `http://127.0.0.1:PORT`, as the first stdout line says.
     base: String,
     stderr: Option<std::thread::JoinHandle<String>>,
+    /// Its `HOME`, which holds its store: kept until it is stopped.
+    _home: tempfile::TempDir,
 }
 
 /// A test that fails half-way must not leave the gateway running.
@@ -452,12 +454,11 @@ impl Binary {
             .next()
             .unwrap()
             .to_string();
-        // The config file was read at start-up.
-        drop(dir);
         Binary {
             child,
             base: addr,
             stderr: Some(stderr),
+            _home: dir,
         }
     }
 

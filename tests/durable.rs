@@ -22,6 +22,12 @@ protocol = "lines"
 end_marker = "^__END__$"
 stop_grace = "1s"
 
+[agents.forker]
+command = ["sh", "-c", "sleep 1000 & exec cat"]
+protocol = "lines"
+end_marker = "^__END__$"
+stop_grace = "300ms"
+
 [agents.silent]
 command = ["python3", "-u", "-c", "import sys\nfor line in sys.stdin:\n    pass"]
 protocol = "lines"
@@ -223,4 +229,117 @@ fn a_second_gateway_on_the_same_sqlite_file_exits_2() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("another agentgate"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+/// How many children the store at `path` (SQLite) has recorded, read beside
+/// the running gateway (WAL lets a reader in).
+async fn recorded_children(path: &std::path::Path) -> i64 {
+    use sqlx::Connection;
+    let url = format!("sqlite://{}?mode=ro", path.display());
+    let Ok(mut db) = sqlx::SqliteConnection::connect(&url).await else {
+        return 0;
+    };
+    sqlx::query_scalar("SELECT count(*) FROM children")
+        .fetch_one(&mut db)
+        .await
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn the_next_gateway_ends_what_a_killed_one_left_running() {
+    let home = tempfile::tempdir().unwrap();
+    let db = home.path().join("agentgate.db");
+    let store = format!("sqlite:{}", db.display());
+    let http = reqwest::Client::builder().timeout(T).build().unwrap();
+    let mut node = start(home.path(), &store);
+    // The child is `cat`, with a `sleep` grandchild in its process group.
+    let s = post_json(
+        &http,
+        format!("{}/sessions", node.base),
+        json!({"agent": "forker"}),
+    )
+    .await;
+    let pgid = s["pid"].as_u64().expect("a child") as u32;
+    eventually(T, || async { group_members(pgid).len() == 2 }).await;
+    eventually(T, || async { recorded_children(&db).await == 1 }).await;
+
+    node.child.kill().unwrap();
+    node.child.wait().unwrap();
+    // The leader dies with the gateway; the grandchild does not.
+    eventually(T, || async { !alive(pgid) }).await;
+    let left = group_members(pgid);
+    assert_eq!(left.len(), 1, "the grandchild outlives a kill -9: {left:?}");
+
+    let node = start(home.path(), &store);
+    // Ended before anything is served.
+    let health = http
+        .get(format!("{}/healthz", node.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(group_members(pgid), Vec::<u32>::new());
+    assert_eq!(recorded_children(&db).await, 0);
+    // The session itself is back and starts a new child.
+    let view = get(
+        &http,
+        format!("{}/sessions/{}", node.base, s["id"].as_str().unwrap()),
+    )
+    .await;
+    assert_eq!(view["state"], "suspended");
+}
+
+#[tokio::test]
+async fn a_gateway_that_still_runs_keeps_its_children() {
+    // Two gateways on one PostgreSQL on one machine: the second one to start
+    // must not take the first one's children for leftovers.
+    let url = std::env::var("AGENTGATE_TEST_POSTGRES")
+        .expect("AGENTGATE_TEST_POSTGRES: run through scripts/test.sh, which starts PostgreSQL");
+    let home = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::builder().timeout(T).build().unwrap();
+    let first = start(home.path(), &url);
+    let s = post_json(
+        &http,
+        format!("{}/sessions", first.base),
+        json!({"agent": "forker"}),
+    )
+    .await;
+    let pgid = s["pid"].as_u64().expect("a child") as u32;
+    eventually(T, || async { group_members(pgid).len() == 2 }).await;
+    let id = s["id"].as_str().unwrap().to_string();
+    eventually(T, || async {
+        use sqlx::Connection;
+        let Ok(mut db) = sqlx::PgConnection::connect(&url).await else {
+            return false;
+        };
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM children WHERE session_id = $1")
+            .bind(&id)
+            .fetch_one(&mut db)
+            .await
+            .is_ok_and(|n| n == 1)
+    })
+    .await;
+    let other = tempfile::tempdir().unwrap();
+    let second = start(other.path(), &url);
+    let health = http
+        .get(format!("{}/healthz", second.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(
+        group_members(pgid).len(),
+        2,
+        "the second gateway ended a live gateway's child"
+    );
+    let res = http
+        .delete(format!(
+            "{}/sessions/{}",
+            first.base,
+            s["id"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
 }

@@ -69,6 +69,11 @@ impl Binary {
         if !opts.args.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
+        if !opts.wrapper.is_empty() {
+            // An unprivileged gateway cannot make its default store in this
+            // root-owned HOME; these tests are not about the store.
+            cmd.args(["--store", "memory"]);
+        }
         cmd.arg("--config")
             .arg(&config)
             .args(opts.args)

@@ -65,6 +65,9 @@ async fn round_trip(spec: StoreSpec) {
                 session_id: s.id,
                 pid: 4242,
                 start_time: 99,
+                host: "h".into(),
+                gateway_pid: 7,
+                gateway_start: 8,
             })
             .await
             .unwrap();
@@ -88,7 +91,7 @@ async fn round_trip(spec: StoreSpec) {
     let children = store.load_children().await.unwrap();
     assert!(children
         .iter()
-        .any(|c| c.session_id == s.id && c.pid == 4242));
+        .any(|c| c.session_id == s.id && c.pid == 4242 && c.host == "h" && c.gateway_start == 8));
     store.delete_session(s.id).await.unwrap();
     assert!(store.load_messages(s.id).await.unwrap().is_empty());
     assert!(!store

@@ -8,6 +8,7 @@
 //! whole group, because `kill_on_drop` would only reach the leader and a
 //! grandchild would keep the pipes open.
 
+pub mod leftovers;
 mod reader;
 mod spawn;
 

@@ -532,6 +532,7 @@ impl Actor {
             proc.write(hello);
         }
         let ready = !adapter.needs_ready();
+        self.registry.child_adopted(self.shared.id, proc.pid());
         self.child = Some(Child {
             proc,
             adapter,
@@ -757,6 +758,9 @@ impl Actor {
                     child.as_ref().is_some_and(|c| c.sigint_sent) && ended_by_sigint(&status);
                 self.child_gone_updates();
                 self.registry.child_stopped();
+                if let Some(c) = &child {
+                    self.registry.child_gone(self.shared.id, c.proc.pid());
+                }
                 self.permissions.clear();
                 let exit = describe_exit(&status);
                 tracing::info!(session_id = %self.shared.id, %exit, "child exited");
@@ -1134,6 +1138,7 @@ impl Actor {
                 let pid = child.proc.pid();
                 let status = child.proc.stop(grace).await;
                 registry.child_stopped();
+                registry.child_gone(id, pid);
                 tracing::info!(session_id = %id, pid, exit = %describe_exit(&status), "child stopped");
                 let _ = done.send(());
             }
@@ -1212,6 +1217,7 @@ impl Actor {
             let pid = child.proc.pid();
             let status = child.proc.stop(self.shared.profile.stop_grace).await;
             self.registry.child_stopped();
+            self.registry.child_gone(self.shared.id, pid);
             self.permissions.clear();
             tracing::info!(session_id = %self.shared.id, pid, exit = %describe_exit(&status), "child stopped");
         }

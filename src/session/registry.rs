@@ -73,6 +73,47 @@ impl Registry {
         })
     }
 
+    /// Records session `id`'s new child `pid` in the store, so that a
+    /// gateway started after a `kill -9` of this one can end its group
+    /// ([`crate::process::leftovers`]). In the background: a lost record
+    /// costs only that clean-up, never the session.
+    pub fn child_adopted(&self, id: Uuid, pid: u32) {
+        if !self.store.is_durable() {
+            return;
+        }
+        let Some(stat) = crate::process::leftovers::stat(pid) else {
+            return;
+        };
+        let store = self.store.clone();
+        let me = crate::process::leftovers::Gateway::me();
+        let record = crate::store::ChildRecord {
+            session_id: id,
+            pid,
+            start_time: stat.start_time,
+            host: me.host.clone(),
+            gateway_pid: me.pid,
+            gateway_start: me.start_time,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = store.save_child(&record).await {
+                tracing::warn!(session_id = %id, pid, error = %e, "cannot record a child");
+            }
+        });
+    }
+
+    /// Session `id`'s child `pid` is gone: its record goes too.
+    pub fn child_gone(&self, id: Uuid, pid: u32) {
+        if !self.store.is_durable() {
+            return;
+        }
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.forget_child(id, pid).await {
+                tracing::warn!(session_id = %id, pid, error = %e, "cannot forget a child");
+            }
+        });
+    }
+
     /// The profile named `name`, or the default one.
     pub fn profile(&self, name: Option<&str>) -> Result<Arc<AgentProfile>, ApiError> {
         let name = name.unwrap_or(&self.config.default_agent);

@@ -158,6 +158,12 @@ pub struct ChildRecord {
     /// Its start time in clock ticks since boot (`/proc/PID/stat` field 22),
     /// so a reused pid is never taken for it.
     pub start_time: u64,
+    /// The machine it runs on (hostname and boot id).
+    pub host: String,
+    /// The gateway that started it: pid and start time.
+    pub gateway_pid: u32,
+    /// See `gateway_pid`.
+    pub gateway_start: u64,
 }
 
 /// The migrations in `migrations/`, embedded in the binary.
@@ -421,24 +427,30 @@ impl Store {
             return Ok(());
         };
         sqlx::query(
-            "INSERT INTO children (session_id, pid, start_time) VALUES ($1, $2, $3) \
-             ON CONFLICT (session_id) DO UPDATE SET pid = excluded.pid, start_time = excluded.start_time",
+            "INSERT INTO children (session_id, pid, start_time, host, gateway_pid, gateway_start) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (session_id) DO UPDATE SET pid = excluded.pid, start_time = excluded.start_time, \
+             host = excluded.host, gateway_pid = excluded.gateway_pid, gateway_start = excluded.gateway_start",
         )
         .bind(c.session_id.to_string())
         .bind(c.pid as i64)
         .bind(c.start_time as i64)
+        .bind(&c.host)
+        .bind(c.gateway_pid as i64)
+        .bind(c.gateway_start as i64)
         .execute(pool)
         .await?;
         Ok(())
     }
 
-    /// Session `id` has no live child any more.
-    pub async fn forget_child(&self, id: Uuid) -> Result<(), StoreError> {
+    /// Session `id`'s child `pid` is gone (a record of a later child stays).
+    pub async fn forget_child(&self, id: Uuid, pid: u32) -> Result<(), StoreError> {
         let Some(pool) = &self.pool else {
             return Ok(());
         };
-        sqlx::query("DELETE FROM children WHERE session_id = $1")
+        sqlx::query("DELETE FROM children WHERE session_id = $1 AND pid = $2")
             .bind(id.to_string())
+            .bind(pid as i64)
             .execute(pool)
             .await?;
         Ok(())
@@ -449,19 +461,27 @@ impl Store {
         let Some(pool) = &self.pool else {
             return Ok(vec![]);
         };
-        let rows = sqlx::query("SELECT session_id, pid, start_time FROM children")
-            .fetch_all(pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT session_id, pid, start_time, host, gateway_pid, gateway_start FROM children",
+        )
+        .fetch_all(pool)
+        .await?;
         let mut out = Vec::new();
         for row in rows {
             let id: String = row.try_get(0)?;
             let pid: i64 = row.try_get(1)?;
             let start: i64 = row.try_get(2)?;
+            let host: String = row.try_get(3)?;
+            let gateway_pid: i64 = row.try_get(4)?;
+            let gateway_start: i64 = row.try_get(5)?;
             if let Ok(session_id) = Uuid::parse_str(&id) {
                 out.push(ChildRecord {
                     session_id,
                     pid: pid as u32,
                     start_time: start as u64,
+                    host,
+                    gateway_pid: gateway_pid as u32,
+                    gateway_start: gateway_start as u64,
                 });
             }
         }
