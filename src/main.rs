@@ -41,6 +41,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
         tracing::warn!(error = %e, "cannot make the gateway non-dumpable; children may read its environment");
     }
+    // A file-size limit (RLIMIT_FSIZE) reached by the store must be an
+    // error like a full disk (the request gets 503), not SIGXFSZ killing
+    // the gateway. Children get the default back before exec.
+    // SAFETY: setting a signal to SIG_IGN installs no handler.
+    if let Err(e) = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGXFSZ,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    } {
+        tracing::warn!(error = %e, "cannot ignore SIGXFSZ");
+    }
     let exe = std::env::current_exe()?;
     let config = agentgate::Config::from_cli(&cli, &exe)
         .map_err(|e| anyhow::anyhow!("configuration error: {e}"))?;

@@ -366,10 +366,12 @@ pub enum PermissionBehavior {
 /// `GET /healthz` answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Health {
-    /// Always `ok` while the process serves.
+    /// `ok`: the process serves and its store answers.
     pub status: String,
     /// Live sessions.
     pub sessions: usize,
+    /// The store's kind: `sqlite`, `postgres` or `memory`.
+    pub store: String,
     /// Crate version.
     pub version: String,
 }

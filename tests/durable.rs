@@ -41,11 +41,30 @@ struct Node {
 }
 
 fn start(home: &std::path::Path, store: &str) -> Node {
+    start_with(home, store, &[])
+}
+
+/// [`start`] through `wrapper` (an argv put in front of the binary's).
+fn start_with(home: &std::path::Path, store: &str, wrapper: &[&str]) -> Node {
     let config = home.join("agents.toml");
     std::fs::write(&config, PROFILES).unwrap();
+    let sealed = sealed_command(home);
+    let mut cmd = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = std::process::Command::new(first);
+            c.args(rest).arg(sealed.get_program());
+            for (key, value) in sealed.get_envs() {
+                match value {
+                    Some(v) => c.env(key, v),
+                    None => c.env_remove(key),
+                };
+            }
+            c
+        }
+        None => sealed,
+    };
     let mut child = KillOnDrop(
-        sealed_command(home)
-            .args(["--listen", "127.0.0.1:0", "--store", store, "--config"])
+        cmd.args(["--listen", "127.0.0.1:0", "--store", store, "--config"])
             .arg(&config)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -342,4 +361,110 @@ async fn a_gateway_that_still_runs_keeps_its_children() {
         .await
         .unwrap();
     assert_eq!(res.status(), 204);
+}
+
+#[tokio::test]
+async fn a_full_disk_answers_503_and_loses_nothing_acknowledged() {
+    // The disk fills up: the gateway runs with a file-size limit
+    // (RLIMIT_FSIZE, set by util-linux's `prlimit`), so its store's writes
+    // fail once the files reach 1 MiB, as they do on a full disk.
+    let home = tempfile::tempdir().unwrap();
+    let store = format!("sqlite:{}", home.path().join("agentgate.db").display());
+    let http = reqwest::Client::builder().timeout(T).build().unwrap();
+    let limit = 1 << 20;
+    let fsize = format!("--fsize={limit}:{limit}");
+    let mut node = start_with(home.path(), &store, &["prlimit", &fsize, "--"]);
+    let base = node.base.clone();
+    let s = post_json(&http, format!("{base}/sessions"), json!({"agent": "sed"})).await;
+    let id = s["id"].as_str().unwrap().to_string();
+    let filler = "x".repeat(8 * 1024);
+    let mut acknowledged = Vec::new();
+    let mut refused = None;
+    // Far more than fits: ~2,000 × 16 KiB (input and output).
+    for n in 0..2000 {
+        let content = format!("{n} {filler}");
+        let res = http
+            .post(format!("{base}/sessions/{id}/messages?wait=true"))
+            .json(&json!({ "content": content }))
+            .send()
+            .await
+            .unwrap();
+        if res.status() == 503 {
+            let problem = assert_problem(res, 503).await;
+            assert!(
+                problem["detail"].as_str().unwrap().contains("store"),
+                "{problem}"
+            );
+            refused = Some(n);
+            break;
+        }
+        assert_eq!(res.status(), 200, "message {n}");
+        acknowledged.push(n);
+    }
+    let refused = refused.expect("the store never ran out of space");
+    assert!(!acknowledged.is_empty());
+    // The gateway still answers: reads are served, the refused message is
+    // in no history.
+    let history = get(&http, format!("{base}/sessions/{id}/messages")).await;
+    assert_eq!(
+        history["messages"].as_array().unwrap().len(),
+        acknowledged.len()
+    );
+
+    node.child.kill().unwrap();
+    node.child.wait().unwrap();
+    // Space again (no limit): every acknowledged message is there, in order.
+    let node = start(home.path(), &store);
+    let history = get(&http, format!("{}/sessions/{id}/messages", node.base)).await;
+    let stored: Vec<u64> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let text = m["input"].as_str().unwrap_or_default();
+            text.split(' ').next().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(stored, acknowledged, "refused: {refused}");
+}
+
+#[tokio::test]
+async fn a_database_that_goes_away_answers_503_not_a_hang() {
+    use sqlx::Connection;
+    let url = std::env::var("AGENTGATE_TEST_POSTGRES")
+        .expect("AGENTGATE_TEST_POSTGRES: run through scripts/test.sh, which starts PostgreSQL");
+    // A database of its own in the throwaway server, dropped under the gateway.
+    let name = format!("gone_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let (server, _) = url.rsplit_once('/').unwrap();
+    let own = format!("{server}/{name}");
+    let home = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::builder().timeout(T).build().unwrap();
+    let node = start(home.path(), &own);
+    let base = node.base.clone();
+    let s = post_json(&http, format!("{base}/sessions"), json!({"agent": "sed"})).await;
+    let id = s["id"].as_str().unwrap().to_string();
+    assert_eq!(ask(&http, &base, &id, "one").await["output"], "one\n");
+
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let res = http
+        .post(format!("{base}/sessions/{id}/messages"))
+        .json(&json!({"content": "refused"}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 503).await;
+    let res = http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_problem(res, 503).await;
+    // What was acknowledged is still readable (memory holds it while the
+    // database is away); nothing refused slipped in.
+    let history = get(&http, format!("{base}/sessions/{id}/messages")).await;
+    assert_eq!(history["messages"].as_array().unwrap().len(), 1);
 }

@@ -151,12 +151,20 @@ pub fn openapi() -> Response {
 }
 
 /// `GET /healthz`
-pub fn healthz(state: AppState) -> Response {
+///
+/// 503 when the store does not answer: a load balancer then sends new
+/// requests to a gateway that can acknowledge them.
+pub async fn healthz(state: AppState) -> Response {
+    let store = &state.registry.store;
+    if let Err(e) = store.ping().await {
+        return answer(Err(ApiError::Unavailable(e.to_string())));
+    }
     json_response(
         StatusCode::OK,
         &Health {
             status: "ok".into(),
             sessions: state.registry.len(),
+            store: store.kind().into(),
             version: env!("CARGO_PKG_VERSION").into(),
         },
     )

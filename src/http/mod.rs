@@ -256,7 +256,7 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
     let healthz = warp::path!("healthz")
         .and(get())
         .and(s())
-        .map(handlers::healthz);
+        .then(handlers::healthz);
     let metrics = warp::path!("metrics")
         .and(get())
         .and(s())

@@ -110,9 +110,17 @@ pub(super) fn spawn(spec: &SpawnSpec) -> io::Result<ChildProcess> {
         (None, _) => None,
     };
     let dir_fd = dir.as_ref().map(|d| d.as_raw_fd());
-    // SAFETY: prctl and fchdir are async-signal-safe; nothing else runs between fork and exec.
+    // SAFETY: prctl, fchdir and signal are async-signal-safe; nothing else
+    // runs between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            // The gateway ignores SIGXFSZ (see main); an ignored signal
+            // survives exec, so the child gets the default back.
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGXFSZ,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+            .map_err(io::Error::from)?;
             // The directory checked above, by handle: a path swapped for a
             // symlink since cannot move the child elsewhere.
             if let Some(fd) = dir_fd {

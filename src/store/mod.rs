@@ -166,6 +166,26 @@ pub struct ChildRecord {
     pub gateway_start: u64,
 }
 
+/// Longest a store operation may take. A database that stops answering
+/// (a stopped server, a partition that leaves the TCP connection open)
+/// must not hang a request: past this the operation fails like any other
+/// store error (503 for the request that needed it).
+pub const OPERATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs one store operation within [`OPERATION_TIMEOUT`].
+async fn bounded<T>(
+    op: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(OPERATION_TIMEOUT, op)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Query(format!(
+                "no answer within {}s",
+                OPERATION_TIMEOUT.as_secs()
+            )))
+        })
+}
+
 /// The migrations in `migrations/`, embedded in the binary.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -247,6 +267,15 @@ impl Store {
         self.spec.to_string()
     }
 
+    /// `sqlite`, `postgres` or `memory`.
+    pub fn kind(&self) -> &'static str {
+        match self.spec {
+            StoreSpec::Memory => "memory",
+            StoreSpec::Sqlite(_) => "sqlite",
+            StoreSpec::Postgres(_) => "postgres",
+        }
+    }
+
     /// Whether anything survives a restart.
     pub fn is_durable(&self) -> bool {
         self.pool.is_some()
@@ -254,238 +283,279 @@ impl Store {
 
     /// Checks that the store answers (for `/healthz`).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        if let Some(pool) = &self.pool {
-            sqlx::query("SELECT 1").execute(pool).await?;
-        }
-        Ok(())
+        bounded(async move {
+            if let Some(pool) = &self.pool {
+                sqlx::query("SELECT 1").execute(pool).await?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Creates or updates a session's record.
     pub async fn save_session(&self, s: &SessionRecord) -> Result<(), StoreError> {
-        let Some(pool) = &self.pool else {
-            return Ok(());
-        };
-        let body = serde_json::to_string(s).map_err(|e| StoreError::Query(e.to_string()))?;
-        sqlx::query(
-            "INSERT INTO sessions (id, body) VALUES ($1, $2) \
-             ON CONFLICT (id) DO UPDATE SET body = excluded.body",
-        )
-        .bind(s.id.to_string())
-        .bind(body)
-        .execute(pool)
-        .await?;
-        Ok(())
+        bounded(async move {
+            let Some(pool) = &self.pool else {
+                return Ok(());
+            };
+            let body = serde_json::to_string(s).map_err(|e| StoreError::Query(e.to_string()))?;
+            sqlx::query(
+                "INSERT INTO sessions (id, body) VALUES ($1, $2) \
+                 ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+            )
+            .bind(s.id.to_string())
+            .bind(body)
+            .execute(pool)
+            .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Raises the highest event id session `id` may hand out to `ceiling`
     /// (never lowers it).
     pub async fn reserve_events(&self, id: Uuid, ceiling: u64) -> Result<(), StoreError> {
-        let Some(pool) = &self.pool else {
-            return Ok(());
-        };
-        sqlx::query("UPDATE sessions SET seq_ceiling = $1 WHERE id = $2 AND seq_ceiling < $1")
-            .bind(ceiling as i64)
-            .bind(id.to_string())
-            .execute(pool)
-            .await?;
-        Ok(())
+        bounded(async move {
+            let Some(pool) = &self.pool else {
+                return Ok(());
+            };
+            sqlx::query("UPDATE sessions SET seq_ceiling = $1 WHERE id = $2 AND seq_ceiling < $1")
+                .bind(ceiling as i64)
+                .bind(id.to_string())
+                .execute(pool)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Creates or updates message `m`, the `ord`-th of its session.
     pub async fn save_message(&self, ord: u64, m: &Message) -> Result<(), StoreError> {
-        let Some(pool) = &self.pool else {
-            return Ok(());
-        };
-        let body = serde_json::to_string(m).map_err(|e| StoreError::Query(e.to_string()))?;
-        sqlx::query(
-            "INSERT INTO messages (session_id, ord, id, body) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (session_id, ord) DO UPDATE SET body = excluded.body",
-        )
-        .bind(m.session_id.to_string())
-        .bind(ord as i64)
-        .bind(m.id.to_string())
-        .bind(body)
-        .execute(pool)
-        .await?;
-        Ok(())
+        bounded(async move {
+            let Some(pool) = &self.pool else {
+                return Ok(());
+            };
+            let body = serde_json::to_string(m).map_err(|e| StoreError::Query(e.to_string()))?;
+            sqlx::query(
+                "INSERT INTO messages (session_id, ord, id, body) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (session_id, ord) DO UPDATE SET body = excluded.body",
+            )
+            .bind(m.session_id.to_string())
+            .bind(ord as i64)
+            .bind(m.id.to_string())
+            .bind(body)
+            .execute(pool)
+            .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Appends events to session `id`'s log, in one transaction.
     pub async fn append_events(&self, id: Uuid, events: &[EventRecord]) -> Result<(), StoreError> {
-        let Some(pool) = &self.pool else {
-            return Ok(());
-        };
-        if events.is_empty() {
-            return Ok(());
-        }
-        let mut tx = pool.begin().await?;
-        for e in events {
-            sqlx::query(
-                "INSERT INTO events (session_id, seq, name, message_id, data) VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (session_id, seq) DO NOTHING",
-            )
-            .bind(id.to_string())
-            .bind(e.seq as i64)
-            .bind(&e.name)
-            .bind(e.message_id.map(|m| m.to_string()))
-            .bind(&e.data)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        bounded(async move {
+            let Some(pool) = &self.pool else {
+                return Ok(());
+            };
+            if events.is_empty() {
+                return Ok(());
+            }
+            let mut tx = pool.begin().await?;
+            for e in events {
+                sqlx::query(
+                    "INSERT INTO events (session_id, seq, name, message_id, data) VALUES ($1, $2, $3, $4, $5) \
+                     ON CONFLICT (session_id, seq) DO NOTHING",
+                )
+                .bind(id.to_string())
+                .bind(e.seq as i64)
+                .bind(&e.name)
+                .bind(e.message_id.map(|m| m.to_string()))
+                .bind(&e.data)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Drops session `id`'s events with ids below `first_kept` (the replay limits).
     pub async fn prune_events(&self, id: Uuid, first_kept: u64) -> Result<(), StoreError> {
-        let Some(pool) = &self.pool else {
-            return Ok(());
-        };
-        sqlx::query("DELETE FROM events WHERE session_id = $1 AND seq < $2")
-            .bind(id.to_string())
-            .bind(first_kept as i64)
-            .execute(pool)
-            .await?;
-        Ok(())
+        bounded(async move {
+            let Some(pool) = &self.pool else {
+                return Ok(());
+            };
+            sqlx::query("DELETE FROM events WHERE session_id = $1 AND seq < $2")
+                .bind(id.to_string())
+                .bind(first_kept as i64)
+                .execute(pool)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Forgets session `id`: its record, messages, events and child.
     pub async fn delete_session(&self, id: Uuid) -> Result<(), StoreError> {
-        let Some(pool) = &self.pool else {
-            return Ok(());
-        };
-        let mut tx = pool.begin().await?;
-        for table in ["events", "messages", "children"] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE session_id = $1"))
+        bounded(async move {
+            let Some(pool) = &self.pool else {
+                return Ok(());
+            };
+            let mut tx = pool.begin().await?;
+            for table in ["events", "messages", "children"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE session_id = $1"))
+                    .bind(id.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query("DELETE FROM sessions WHERE id = $1")
                 .bind(id.to_string())
                 .execute(&mut *tx)
                 .await?;
-        }
-        sqlx::query("DELETE FROM sessions WHERE id = $1")
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Every stored session with its event-id ceiling, oldest first.
     pub async fn load_sessions(&self) -> Result<Vec<(SessionRecord, u64)>, StoreError> {
-        let Some(pool) = &self.pool else {
-            return Ok(vec![]);
-        };
-        let rows = sqlx::query("SELECT body, seq_ceiling FROM sessions")
-            .fetch_all(pool)
-            .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let body: String = row.try_get(0)?;
-            let ceiling: i64 = row.try_get(1)?;
-            match serde_json::from_str::<SessionRecord>(&body) {
-                Ok(s) => out.push((s, ceiling.max(0) as u64)),
-                Err(e) => tracing::error!(error = %e, "a stored session cannot be read; skipped"),
+        bounded(async move {
+            let Some(pool) = &self.pool else {
+                return Ok(vec![]);
+            };
+            let rows = sqlx::query("SELECT body, seq_ceiling FROM sessions")
+                .fetch_all(pool)
+                .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                let body: String = row.try_get(0)?;
+                let ceiling: i64 = row.try_get(1)?;
+                match serde_json::from_str::<SessionRecord>(&body) {
+                    Ok(s) => out.push((s, ceiling.max(0) as u64)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "a stored session cannot be read; skipped")
+                    }
+                }
             }
-        }
-        out.sort_by_key(|(s, _)| s.created_at);
-        Ok(out)
+            out.sort_by_key(|(s, _)| s.created_at);
+            Ok(out)
+        })
+        .await
     }
 
     /// Session `id`'s messages, oldest first.
     pub async fn load_messages(&self, id: Uuid) -> Result<Vec<Message>, StoreError> {
-        let Some(pool) = &self.pool else {
-            return Ok(vec![]);
-        };
-        let rows = sqlx::query("SELECT body FROM messages WHERE session_id = $1 ORDER BY ord")
-            .bind(id.to_string())
-            .fetch_all(pool)
-            .await?;
-        rows.iter()
-            .map(|row| {
-                let body: String = row.try_get(0)?;
-                serde_json::from_str(&body).map_err(|e| StoreError::Query(e.to_string()))
-            })
-            .collect()
+        bounded(async move {
+            let Some(pool) = &self.pool else {
+                return Ok(vec![]);
+            };
+            let rows = sqlx::query("SELECT body FROM messages WHERE session_id = $1 ORDER BY ord")
+                .bind(id.to_string())
+                .fetch_all(pool)
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    let body: String = row.try_get(0)?;
+                    serde_json::from_str(&body).map_err(|e| StoreError::Query(e.to_string()))
+                })
+                .collect()
+        })
+        .await
     }
 
     /// Session `id`'s stored events, oldest first.
     pub async fn load_events(&self, id: Uuid) -> Result<Vec<EventRecord>, StoreError> {
-        let Some(pool) = &self.pool else {
-            return Ok(vec![]);
-        };
-        let rows = sqlx::query(
-            "SELECT seq, name, message_id, data FROM events WHERE session_id = $1 ORDER BY seq",
-        )
-        .bind(id.to_string())
-        .fetch_all(pool)
-        .await?;
-        rows.iter().map(event_of).collect()
+        bounded(async move {
+            let Some(pool) = &self.pool else {
+                return Ok(vec![]);
+            };
+            let rows = sqlx::query(
+                "SELECT seq, name, message_id, data FROM events WHERE session_id = $1 ORDER BY seq",
+            )
+            .bind(id.to_string())
+            .fetch_all(pool)
+            .await?;
+            rows.iter().map(event_of).collect()
+        })
+        .await
     }
 
     /// Records session `id`'s live child.
     pub async fn save_child(&self, c: &ChildRecord) -> Result<(), StoreError> {
-        let Some(pool) = &self.pool else {
-            return Ok(());
-        };
-        sqlx::query(
-            "INSERT INTO children (session_id, pid, start_time, host, gateway_pid, gateway_start) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (session_id) DO UPDATE SET pid = excluded.pid, start_time = excluded.start_time, \
-             host = excluded.host, gateway_pid = excluded.gateway_pid, gateway_start = excluded.gateway_start",
-        )
-        .bind(c.session_id.to_string())
-        .bind(c.pid as i64)
-        .bind(c.start_time as i64)
-        .bind(&c.host)
-        .bind(c.gateway_pid as i64)
-        .bind(c.gateway_start as i64)
-        .execute(pool)
-        .await?;
-        Ok(())
+        bounded(async move {
+            let Some(pool) = &self.pool else {
+                return Ok(());
+            };
+            sqlx::query(
+                "INSERT INTO children (session_id, pid, start_time, host, gateway_pid, gateway_start) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (session_id) DO UPDATE SET pid = excluded.pid, start_time = excluded.start_time, \
+                 host = excluded.host, gateway_pid = excluded.gateway_pid, gateway_start = excluded.gateway_start",
+            )
+            .bind(c.session_id.to_string())
+            .bind(c.pid as i64)
+            .bind(c.start_time as i64)
+            .bind(&c.host)
+            .bind(c.gateway_pid as i64)
+            .bind(c.gateway_start as i64)
+            .execute(pool)
+            .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Session `id`'s child `pid` is gone (a record of a later child stays).
     pub async fn forget_child(&self, id: Uuid, pid: u32) -> Result<(), StoreError> {
-        let Some(pool) = &self.pool else {
-            return Ok(());
-        };
-        sqlx::query("DELETE FROM children WHERE session_id = $1 AND pid = $2")
-            .bind(id.to_string())
-            .bind(pid as i64)
-            .execute(pool)
-            .await?;
-        Ok(())
+        bounded(async move {
+            let Some(pool) = &self.pool else {
+                return Ok(());
+            };
+            sqlx::query("DELETE FROM children WHERE session_id = $1 AND pid = $2")
+                .bind(id.to_string())
+                .bind(pid as i64)
+                .execute(pool)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Every child recorded as live.
     pub async fn load_children(&self) -> Result<Vec<ChildRecord>, StoreError> {
-        let Some(pool) = &self.pool else {
-            return Ok(vec![]);
-        };
-        let rows = sqlx::query(
-            "SELECT session_id, pid, start_time, host, gateway_pid, gateway_start FROM children",
-        )
-        .fetch_all(pool)
-        .await?;
-        let mut out = Vec::new();
-        for row in rows {
-            let id: String = row.try_get(0)?;
-            let pid: i64 = row.try_get(1)?;
-            let start: i64 = row.try_get(2)?;
-            let host: String = row.try_get(3)?;
-            let gateway_pid: i64 = row.try_get(4)?;
-            let gateway_start: i64 = row.try_get(5)?;
-            if let Ok(session_id) = Uuid::parse_str(&id) {
-                out.push(ChildRecord {
-                    session_id,
-                    pid: pid as u32,
-                    start_time: start as u64,
-                    host,
-                    gateway_pid: gateway_pid as u32,
-                    gateway_start: gateway_start as u64,
-                });
+        bounded(async move {
+            let Some(pool) = &self.pool else {
+                return Ok(vec![]);
+            };
+            let rows = sqlx::query(
+                "SELECT session_id, pid, start_time, host, gateway_pid, gateway_start FROM children",
+            )
+            .fetch_all(pool)
+            .await?;
+            let mut out = Vec::new();
+            for row in rows {
+                let id: String = row.try_get(0)?;
+                let pid: i64 = row.try_get(1)?;
+                let start: i64 = row.try_get(2)?;
+                let host: String = row.try_get(3)?;
+                let gateway_pid: i64 = row.try_get(4)?;
+                let gateway_start: i64 = row.try_get(5)?;
+                if let Ok(session_id) = Uuid::parse_str(&id) {
+                    out.push(ChildRecord {
+                        session_id,
+                        pid: pid as u32,
+                        start_time: start as u64,
+                        host,
+                        gateway_pid: gateway_pid as u32,
+                        gateway_start: gateway_start as u64,
+                    });
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
+        .await
     }
 }
 
