@@ -52,6 +52,13 @@ protocol = "lines"
 end_marker = "^__END__$"
 stop_grace = "1s"
 
+[agents.halfway]
+description = "prints half a reply to each line, then nothing"
+command = ["python3", "-u", "-c", "import sys\nfor line in sys.stdin:\n    print('first half', flush=True)"]
+protocol = "lines"
+end_marker = "^__END__$"
+stop_grace = "300ms"
+
 [agents.silent]
 description = "reads lines and never answers"
 command = ["python3", "-u", "-c", "import sys\nfor line in sys.stdin:\n    pass"]
@@ -415,4 +422,26 @@ async fn concurrent_deletes_close_once() {
         .count();
     assert_eq!(closed, 1);
     gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_running_message_shows_its_reply_so_far() {
+    let gw = gateway(|_| {}).await;
+    let id = gw.create("halfway").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let m = gw.send(&id, "go").await;
+    let mid = m["id"].as_str().unwrap().to_string();
+    let res = gw.events(&id, "").await;
+    read_sse(res, T, |i| i.event.as_deref() == Some("message.delta")).await;
+    let running = gw.message(&id, &mid).await;
+    assert_eq!(running["status"], "running");
+    assert_eq!(running["output"], "first half\n", "{running}");
+    let res = gw
+        .post(&format!("/sessions/{id}/interrupt"), json!({}))
+        .await;
+    assert_eq!(res.status(), 202);
+    let done = gw.finished(&id, &mid).await;
+    assert_eq!(done["output"], "first half\n", "{done}");
 }

@@ -833,6 +833,8 @@ impl Actor {
                     }
                     cur.output.push_str(&text);
                     let id = cur.id;
+                    // `GET …/messages/{mid}` shows the reply so far.
+                    self.update_message(id, |m| m.output.push_str(&text));
                     self.publish(
                         "message.delta",
                         Some(id),
@@ -1160,6 +1162,7 @@ impl Actor {
         self.update_message(cur.id, |m| {
             m.status = MessageStatus::Queued;
             m.started_at = None;
+            m.output.clear();
         });
         tracing::info!(session_id = %self.shared.id, message_id = %cur.id, "the child ended by the gateway's interrupt never answered this message: queued again");
         self.queue.push_front(Queued {
