@@ -42,32 +42,57 @@ async fn sed_echoes_korean_and_emoji_unchanged() {
 
 #[tokio::test]
 async fn a_character_written_in_two_pieces_is_not_mangled() {
-    let gw = Gateway::start(|c| {
-        c.add_profiles_toml(
-            "split",
-            r#"
-            [agents.split]
-            command = ["python3", "-u", "-c", "import sys,time\nfor line in sys.stdin:\n    b = '😀한'.encode()\n    sys.stdout.buffer.write(b[:2]); sys.stdout.buffer.flush(); time.sleep(0.05)\n    sys.stdout.buffer.write(b[2:5]); sys.stdout.buffer.flush(); time.sleep(0.05)\n    sys.stdout.buffer.write(b[5:] + b'\\n__END__\\n'); sys.stdout.buffer.flush()\n"]
-            protocol = "lines"
-            end_marker = "^__END__$"
-            "#,
-        )
-        .unwrap();
+    // The child writes its reply in three pieces that split 😀 and 한 between
+    // them, and writes each piece only once the test has seen the previous
+    // one arrive (a file it waits for): every piece is a read of its own.
+    let dir = tempfile::tempdir().unwrap();
+    let go = |n: u32| dir.path().join(format!("go{n}"));
+    let script = format!(
+        "import os,sys,time\n\
+         def wait(p):\n    while not os.path.exists(p): time.sleep(0.005)\n\
+         for line in sys.stdin:\n    \
+         b = '😀한'.encode()\n    \
+         sys.stdout.buffer.write(b'a' + b[:2]); sys.stdout.buffer.flush(); wait({go1:?})\n    \
+         sys.stdout.buffer.write(b[2:5]); sys.stdout.buffer.flush(); wait({go2:?})\n    \
+         sys.stdout.buffer.write(b[5:] + b'\\n__END__\\n'); sys.stdout.buffer.flush()\n",
+        go1 = go(1).display().to_string(),
+        go2 = go(2).display().to_string(),
+    );
+    let toml = format!(
+        "[agents.split]\ncommand = [\"python3\", \"-u\", \"-c\", {}]\nprotocol = \"lines\"\nend_marker = \"^__END__$\"\nstop_grace = \"300ms\"\n",
+        toml_string(&script)
+    );
+    let gw = Gateway::start(|c| c.add_profiles_toml("split", &toml).unwrap()).await;
+    let id = gw.create("split").await["id"].as_str().unwrap().to_string();
+    gw.send(&id, "go").await;
+    let is_delta = |i: &SseItem| i.event.as_deref() == Some("message.delta");
+    let mut deltas = Vec::new();
+    let mut after = String::new();
+    for n in 1..=3 {
+        let items = read_sse(gw.events(&id, &after).await, T, |i| is_delta(i)).await;
+        let delta = items.iter().rev().find(|i| is_delta(i)).unwrap();
+        deltas.push(delta.data["text"].as_str().unwrap().to_string());
+        after = format!("?after={}", delta.id.unwrap());
+        if n < 3 {
+            std::fs::write(go(n), "").unwrap();
+        }
+    }
+    assert_eq!(
+        deltas,
+        ["a", "😀", "한\n"],
+        "one delta per piece, no U+FFFD"
+    );
+    let done = read_sse(gw.events(&id, &after).await, T, |i| {
+        i.event.as_deref() == Some("message.completed")
     })
     .await;
-    let id = gw.create("split").await["id"].as_str().unwrap().to_string();
-    let res = gw.stream(&id, json!({"content": "go"})).await;
-    let items = read_sse(res, T, |i| i.event.as_deref() == Some("message.completed")).await;
-    let deltas: Vec<String> = items
-        .iter()
-        .filter(|i| i.event.as_deref() == Some("message.delta"))
-        .map(|i| i.data["text"].as_str().unwrap().to_string())
-        .collect();
-    assert!(deltas.len() >= 2, "the reply arrived in pieces: {deltas:?}");
-    assert!(deltas.iter().all(|d| !d.contains('\u{fffd}')), "{deltas:?}");
-    assert_eq!(deltas.concat(), "😀한\n");
-    assert_eq!(items.last().unwrap().data["output"], "😀한\n");
+    assert_eq!(done.last().unwrap().data["output"], "a😀한\n");
     gw.stop().await;
+}
+
+/// `s` as a TOML basic string.
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
 }
 
 #[tokio::test]
