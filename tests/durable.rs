@@ -28,6 +28,12 @@ protocol = "lines"
 end_marker = "^__END__$"
 stop_grace = "300ms"
 
+[agents.crasher]
+command = ["sh", "-c", "exit 3"]
+protocol = "lines"
+end_marker = "^__END__$"
+restart_budget = 0
+
 [agents.silent]
 command = ["python3", "-u", "-c", "import sys\nfor line in sys.stdin:\n    pass"]
 protocol = "lines"
@@ -467,4 +473,82 @@ async fn a_database_that_goes_away_answers_503_not_a_hang() {
     // database is away); nothing refused slipped in.
     let history = get(&http, format!("{base}/sessions/{id}/messages")).await;
     assert_eq!(history["messages"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_session_the_gateway_closed_stays_closed_and_readable_across_a_restart() {
+    let home = tempfile::tempdir().unwrap();
+    let store = format!("sqlite:{}", home.path().join("agentgate.db").display());
+    let http = reqwest::Client::builder().timeout(T).build().unwrap();
+    let mut node = start(home.path(), &store);
+    let s = post_json(
+        &http,
+        format!("{}/sessions", node.base),
+        json!({"agent": "crasher"}),
+    )
+    .await;
+    let id = s["id"].as_str().unwrap().to_string();
+    let url = format!("{}/sessions/{id}", node.base);
+    eventually(T, || async {
+        get(&http, url.clone()).await["state"] == "closed"
+    })
+    .await;
+    // Events are written in batches: wait for the last one to be stored.
+    let db = home.path().join("agentgate.db");
+    eventually(T, || async {
+        use sqlx::Connection;
+        let url = format!("sqlite://{}?mode=ro", db.display());
+        let Ok(mut conn) = sqlx::SqliteConnection::connect(&url).await else {
+            return false;
+        };
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM events WHERE session_id = $1 AND name = 'session.closed'",
+        )
+        .bind(&id)
+        .fetch_one(&mut conn)
+        .await
+        .is_ok_and(|n| n == 1)
+    })
+    .await;
+    node.child.kill().unwrap();
+    node.child.wait().unwrap();
+
+    let node = start(home.path(), &store);
+    let view = get(&http, format!("{}/sessions/{id}", node.base)).await;
+    assert_eq!(view["state"], "closed", "{view}");
+    let res = http
+        .post(format!("{}/sessions/{id}/messages", node.base))
+        .json(&json!({"content": "hello?"}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 410).await;
+    let replay = read_sse(
+        http.get(format!("{}/sessions/{id}/events", node.base))
+            .send()
+            .await
+            .unwrap(),
+        T,
+        |i| i.event.as_deref() == Some("session.closed"),
+    )
+    .await;
+    assert_eq!(replay.last().unwrap().data["reason"], "failed");
+    drop(node);
+
+    // Its session_ttl is up at the next start: gone, from the store too.
+    let node = start_with(home.path(), &store, &["env", "AGENTGATE_SESSION_TTL=1ms"]);
+    let res = http
+        .get(format!("{}/sessions/{id}", node.base))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 404).await;
+    drop(node);
+    let node = start(home.path(), &store);
+    let res = http
+        .get(format!("{}/sessions/{id}", node.base))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 404).await;
 }

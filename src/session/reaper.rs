@@ -25,7 +25,7 @@ pub async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
             let quiet = matches!(state, SessionState::Idle | SessionState::Suspended);
             if state == SessionState::Closed && idle_for >= config.session_ttl {
                 // A session the gateway closed stayed readable for a while.
-                registry.forget(handle.id());
+                registry.forget_closed(handle.id());
             } else if quiet && idle_for >= config.session_ttl {
                 tracing::info!(session_id = %handle.id(), "session expired");
                 let registry = registry.clone();

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use time::OffsetDateTime;
@@ -350,14 +351,15 @@ impl Registry {
         use crate::model::{FailureCode, MessageError, MessageStatus};
         let mut restored = 0;
         for (record, ceiling) in self.store.load_sessions().await? {
-            if record.closed.is_some() {
-                continue;
-            }
             let Some(profile) = self.config.profiles.get(&record.agent).cloned() else {
                 tracing::warn!(session_id = %record.id, agent = %record.agent, "a stored session's profile no longer exists; not restored");
                 continue;
             };
             let id = record.id;
+            if record.closed.is_some() {
+                self.restore_closed(record, ceiling, profile).await?;
+                continue;
+            }
             let mut messages = self.store.load_messages(id).await?;
             let mut lost = Vec::new();
             for (ord, m) in messages.iter_mut().enumerate() {
@@ -442,6 +444,80 @@ impl Registry {
         Ok(restored)
     }
 
+    /// Brings back a session the gateway had closed (`failed`, `expired`):
+    /// readable as `closed` for what is left of its `session_ttl`, with no
+    /// task and no child; one whose time is up is deleted from the store.
+    async fn restore_closed(
+        self: &Arc<Self>,
+        record: crate::store::SessionRecord,
+        ceiling: u64,
+        profile: Arc<AgentProfile>,
+    ) -> Result<(), crate::store::StoreError> {
+        let id = record.id;
+        let closed_for: Duration = (OffsetDateTime::now_utc() - record.last_activity_at)
+            .try_into()
+            .unwrap_or_default();
+        if closed_for >= self.config.session_ttl {
+            return self.store.delete_session(id).await;
+        }
+        let messages = self.store.load_messages(id).await?;
+        let events = self
+            .store
+            .load_events(id)
+            .await?
+            .into_iter()
+            .map(|e| (e.seq, e.name, e.message_id, e.data))
+            .collect::<Vec<_>>();
+        // As for an open session: ids it may have handed out are never reused.
+        let next_seq = ceiling.max(events.last().map_or(0, |e| e.0)) + 1;
+        let log = EventLog::restore(
+            self.config.replay_events,
+            self.config.replay_bytes,
+            events,
+            next_seq,
+        );
+        log.close();
+        let index = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.id, i))
+            .collect();
+        let shared = Arc::new(SessionShared {
+            id,
+            profile,
+            created_at: record.created_at,
+            forked_from: record.forked_from,
+            cwd: record.cwd.as_ref().map(PathBuf::from),
+            log,
+            idle_timeout: self.config.idle_timeout,
+            status: Mutex::new(Status {
+                state: SessionState::Closed,
+                pid: None,
+                // The reaper counts the rest of its session_ttl from here.
+                last_activity: Instant::now()
+                    .checked_sub(closed_for)
+                    .unwrap_or_else(Instant::now),
+                last_activity_at: record.last_activity_at,
+                messages,
+                index,
+                queued: 0,
+                agent_session_id: record.agent_session_id.clone(),
+                title: record.title.clone(),
+                metadata: record.metadata.clone(),
+                options: serde_json::from_value(record.options.clone()).unwrap_or_default(),
+                fork_from: None,
+                last_total_cost: None,
+            }),
+            finished: watch::channel(0).0,
+            // It holds no place under max_sessions.
+            released: AtomicBool::new(true),
+        });
+        // No task: a closed session takes no commands (the handlers answer 410).
+        let (tx, _) = mpsc::channel(1);
+        self.sessions.insert(id, SessionHandle { shared, tx });
+        Ok(())
+    }
+
     /// Closes session `id` for `reason` (expiry): it stays readable as a
     /// `closed` session until the reaper forgets it.
     pub async fn close(&self, id: &str, reason: CloseReason) -> Result<(), ApiError> {
@@ -468,6 +544,20 @@ impl Registry {
     pub(super) fn forget(&self, id: Uuid) {
         if let Some((_, h)) = self.sessions.remove(&id) {
             self.release(&h.shared);
+        }
+    }
+
+    /// Drops a closed session whose `session_ttl` is up, from the registry
+    /// and from the store.
+    pub(super) fn forget_closed(&self, id: Uuid) {
+        self.forget(id);
+        if self.store.is_durable() {
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.delete_session(id).await {
+                    tracing::warn!(session_id = %id, error = %e, "cannot delete a closed session from the store");
+                }
+            });
         }
     }
 
