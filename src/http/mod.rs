@@ -181,9 +181,9 @@ fn header(
 /// the error arm is only reached if a token expires between the two looks;
 /// asking again (rather than passing the gate's answer through) keeps the
 /// routes free of per-request state, at the price of a second signature check.
-fn caller(
-    guard: Arc<guard::Guard>,
-) -> impl Filter<Extract = (Result<Caller, ApiError>,), Error = Infallible> + Clone {
+/// Boxed, as the routes are below: every route embeds it, and the nested
+/// filter types are what reach rustc's query depth limit.
+fn caller(guard: Arc<guard::Guard>) -> warp::filters::BoxedFilter<(Result<Caller, ApiError>,)> {
     warp::method()
         .and(warp::path::full())
         .and(warp::header::headers_cloned())
@@ -195,6 +195,7 @@ fn caller(
                     .map_err(|_| ApiError::Unauthorized)
             },
         )
+        .boxed()
 }
 
 /// All routes, with the 404/405 fallback and the problem+json recover.
@@ -323,7 +324,11 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .or(metrics)
         .unify()
         .or(openapi)
-        .unify();
+        .unify()
+        // One boxed filter: the nested type of seventeen routes, the gate,
+        // the recover and the log went past rustc's query depth limit
+        // wherever the whole is used (e.g. `warp::test` in tests/fuzz.rs).
+        .boxed();
     let fallback = warp::method()
         .and(warp::path::full())
         .map(|method: Method, path: FullPath| no_route(&method, path.as_str()));
