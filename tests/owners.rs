@@ -312,7 +312,15 @@ async fn refused_credentials_and_session_changes_are_audited_without_tokens() {
         &EncodingKey::from_secret(RSA_PUB),
         &json!({"sub": "mallory", "exp": now() + 600}),
     );
-    for token in [&expired, &confused] {
+    let no_sub = mint(Algorithm::RS256, &rsa, &json!({"exp": now() + 600}));
+    let mut tampered = mint(
+        Algorithm::RS256,
+        &rsa,
+        &json!({"sub": "mallory", "exp": now() + 600}),
+    );
+    let last = tampered.pop().unwrap();
+    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    for token in [&expired, &confused, &no_sub, &tampered] {
         let res = http
             .get(format!("{base}/sessions"))
             .bearer_auth(token)
@@ -350,7 +358,14 @@ async fn refused_credentials_and_session_changes_are_audited_without_tokens() {
     )
     .unwrap();
     let log = stderr.join().unwrap();
-    for secret in [&expired, &confused, &alice, &OPERATOR.to_string()] {
+    for secret in [
+        &expired,
+        &confused,
+        &no_sub,
+        &tampered,
+        &alice,
+        &OPERATOR.to_string(),
+    ] {
         let sig = secret.rsplit('.').next().unwrap();
         assert!(!log.contains(sig), "a token is in the log: {log}");
     }
@@ -364,7 +379,16 @@ async fn refused_credentials_and_session_changes_are_audited_without_tokens() {
         .filter(|l| l["fields"]["action"] == "credential.refused")
         .map(|l| l["fields"]["reason"].as_str().unwrap())
         .collect();
-    assert_eq!(refused, ["expired", "no key for this algorithm"], "{log}");
+    assert_eq!(
+        refused,
+        [
+            "expired",
+            "no key for this algorithm",
+            "missing sub",
+            "bad signature"
+        ],
+        "{log}"
+    );
     for action in ["session.create", "session.delete"] {
         let line = audit
             .iter()

@@ -661,6 +661,35 @@ mod tests {
     }
 
     #[test]
+    fn the_console_and_healthz_open_without_a_credential_jwt_or_token() {
+        let mut jwt = crate::auth::JwtVerifier::new(None, None);
+        jwt.add_secret(&[7; 32]).unwrap();
+        let g = guard(|c| c.jwt = Some(Arc::new(jwt)));
+        let none = HeaderMap::new();
+        for (method, path, want) in [
+            (Method::GET, "/", 200),
+            (Method::HEAD, "/", 200),
+            (Method::GET, "/healthz", 200),
+            (Method::POST, "/", 401),
+            (Method::GET, "/agents", 401),
+            (Method::GET, "/sessions", 401),
+        ] {
+            assert_eq!(
+                status(g.check(&method, path, &none, "")),
+                want,
+                "{method} {path}"
+            );
+        }
+        let junk = headers(&[("authorization", "Bearer not.a.jwt")]);
+        assert_eq!(status(g.check(&Method::GET, "/agents", &junk, "")), 401);
+        assert_eq!(
+            g.caller(&Method::GET, "/agents", &junk, ""),
+            Err(Some("malformed token"))
+        );
+        assert_eq!(g.caller(&Method::GET, "/agents", &none, ""), Err(None));
+    }
+
+    #[test]
     fn preflights_need_an_allowed_origin_and_no_token() {
         let g = guard(|c| {
             c.token = Some("s3cret".into());
