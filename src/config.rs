@@ -33,9 +33,27 @@ pub struct Cli {
     /// TOML file with `[agents.NAME]` profiles.
     #[arg(long, env = "AGENTGATE_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Bearer token every route but /healthz requires.
+    /// The operator's bearer token (every route but /healthz and the console needs a credential).
     #[arg(long, env = "AGENTGATE_TOKEN", hide_env_values = true)]
     pub token: Option<Secret>,
+    /// Accept HS256 JWTs signed with this secret (at least 32 bytes); `sub` is the owner.
+    #[arg(long, env = "AGENTGATE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<Secret>,
+    /// Accept JWTs signed by this PEM public key's private half (RSA: RS256, EC P-256: ES256, Ed25519: EdDSA).
+    #[arg(long, env = "AGENTGATE_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Accept JWTs signed by the keys of this JWKS file (a token's `kid` picks the key).
+    #[arg(long, env = "AGENTGATE_JWT_JWKS")]
+    pub jwt_jwks: Option<PathBuf>,
+    /// A JWT's `iss` must be this.
+    #[arg(long, env = "AGENTGATE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// A JWT's `aud` must hold this.
+    #[arg(long, env = "AGENTGATE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Most open sessions per owner (JWT `sub`; 429 beyond). Operators are not limited.
+    #[arg(long, env = "AGENTGATE_MAX_SESSIONS_PER_OWNER")]
+    pub max_sessions_per_owner: Option<usize>,
     /// Profile used when a request names none.
     #[arg(long, env = "AGENTGATE_DEFAULT_AGENT")]
     pub default_agent: Option<String>,
@@ -215,6 +233,9 @@ pub struct AgentProfile {
     pub cwd: Option<PathBuf>,
     /// Directories under which a session may choose its own `cwd`.
     pub cwd_roots: Vec<PathBuf>,
+    /// A working directory per owner: an absolute path with `{owner}` as one
+    /// whole component (`/srv/work/{owner}`), created on demand.
+    pub cwd_template: Option<String>,
     /// Children started ahead and handed to new sessions.
     pub prewarm: usize,
     /// Default per-message timeout.
@@ -240,7 +261,45 @@ pub struct AgentProfile {
     pub stall_timeout: Option<Duration>,
 }
 
+/// Checks a profile's `cwd_template`: absolute, `{owner}` once and as one
+/// whole path component, no `.` or `..` anywhere.
+fn check_cwd_template(t: &str) -> Result<String, String> {
+    if !t.starts_with('/') {
+        return Err(format!("{t:?} must be an absolute path"));
+    }
+    let parts: Vec<&str> = t.split('/').collect();
+    if parts.iter().filter(|p| p.contains("{owner}")).count() != 1 || !parts.contains(&"{owner}") {
+        return Err(format!(
+            "{t:?} must hold {{owner}} exactly once, as a whole path component (e.g. /srv/work/{{owner}})"
+        ));
+    }
+    if parts.iter().any(|p| *p == "." || *p == "..") {
+        return Err(format!("{t:?} must not contain . or .."));
+    }
+    Ok(t.to_string())
+}
+
 impl AgentProfile {
+    /// The directory under which every owner's directory of `cwd_template`
+    /// lies (the part before `{owner}`).
+    pub fn cwd_template_base(&self) -> Option<PathBuf> {
+        let t = self.cwd_template.as_deref()?;
+        let base = &t[..t.find("{owner}")?];
+        Some(PathBuf::from(if base == "/" {
+            "/"
+        } else {
+            base.trim_end_matches('/')
+        }))
+    }
+
+    /// Where a session's own cwd must still lie when its child starts:
+    /// `cwd_roots`, and the base of `cwd_template` (owner directories).
+    pub fn session_cwd_roots(&self) -> Vec<PathBuf> {
+        let mut roots = self.cwd_roots.clone();
+        roots.extend(self.cwd_template_base());
+        roots
+    }
+
     /// The argv of a persistent child; claude children resume `resume` and
     /// relay permission prompts when the profile says so.
     pub fn persistent_argv(&self, resume: Option<&str>) -> Vec<String> {
@@ -299,6 +358,7 @@ struct RawProfile {
     cwd: Option<PathBuf>,
     #[serde(default)]
     cwd_roots: Vec<PathBuf>,
+    cwd_template: Option<String>,
     #[serde(default)]
     prewarm: usize,
     timeout: Option<String>,
@@ -369,8 +429,12 @@ impl From<&str> for Secret {
 pub struct Config {
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// Bearer token, if any.
+    /// The operator's bearer token, if any.
     pub token: Option<Secret>,
+    /// JWT verification (`--jwt-*`), if any key was given.
+    pub jwt: Option<Arc<crate::auth::JwtVerifier>>,
+    /// See [`Cli::max_sessions_per_owner`].
+    pub max_sessions_per_owner: Option<usize>,
     /// Profiles by name.
     pub profiles: BTreeMap<String, Arc<AgentProfile>>,
     /// The profile used when a request names none.
@@ -415,6 +479,31 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Where sessions are kept.
     pub store: crate::store::StoreSpec,
+}
+
+/// The JWT verifier the `--jwt-*` flags describe, or `None` without a key.
+fn jwt_verifier(cli: &Cli) -> Result<Option<crate::auth::JwtVerifier>, ConfigError> {
+    let mut jwt = crate::auth::JwtVerifier::new(cli.jwt_issuer.clone(), cli.jwt_audience.clone());
+    if let Some(secret) = cli.jwt_secret.as_ref().filter(|s| !s.expose().is_empty()) {
+        jwt.add_secret(secret.expose().as_bytes())
+            .map_err(|e| ConfigError::new("--jwt-secret", "value", e))?;
+    }
+    if let Some(path) = &cli.jwt_public_key {
+        jwt.add_file(path, false)
+            .map_err(|e| ConfigError::new(&path.display().to_string(), "--jwt-public-key", e))?;
+    }
+    if let Some(path) = &cli.jwt_jwks {
+        jwt.add_file(path, true)
+            .map_err(|e| ConfigError::new(&path.display().to_string(), "--jwt-jwks", e))?;
+    }
+    if jwt.is_empty() && (cli.jwt_issuer.is_some() || cli.jwt_audience.is_some()) {
+        return Err(ConfigError::new(
+            "--jwt-issuer/--jwt-audience",
+            "value",
+            "no JWT key: give --jwt-secret, --jwt-public-key or --jwt-jwks",
+        ));
+    }
+    Ok((!jwt.is_empty()).then_some(jwt))
 }
 
 /// The default store: `agentgate.db` (SQLite) in the data directory:
@@ -498,6 +587,8 @@ impl Config {
         Ok(Config {
             listen: cli.listen,
             token: cli.token.clone().filter(|t| !t.expose().is_empty()),
+            jwt: jwt_verifier(cli)?.map(Arc::new),
+            max_sessions_per_owner: cli.max_sessions_per_owner,
             profiles,
             default_agent,
             idle_timeout: cli.idle_timeout,
@@ -721,6 +812,10 @@ fn resolve_profile(file: &str, name: &str, raw: RawProfile) -> Result<AgentProfi
         pass_env: raw.pass_env,
         cwd: raw.cwd,
         cwd_roots: raw.cwd_roots,
+        cwd_template: match raw.cwd_template {
+            Some(t) => Some(check_cwd_template(&t).map_err(|e| err("cwd_template", e))?),
+            None => None,
+        },
         prewarm: raw.prewarm,
         timeout: duration("timeout", &raw.timeout, DEFAULT_TIMEOUT)?,
         persistent: raw.persistent.unwrap_or(true),
@@ -767,6 +862,7 @@ pub fn demo_profile(self_exe: &Path) -> AgentProfile {
         pass_env: vec![],
         cwd: None,
         cwd_roots: vec![],
+        cwd_template: None,
         prewarm: 0,
         timeout: DEFAULT_TIMEOUT,
         persistent: true,
@@ -810,6 +906,7 @@ pub fn claude_profile(bin: &Path) -> AgentProfile {
         pass_env: vec!["ANTHROPIC_*".into(), "CLAUDE_*".into(), "DISABLE_*".into()],
         cwd: None,
         cwd_roots: vec![],
+        cwd_template: None,
         prewarm: 0,
         timeout: DEFAULT_TIMEOUT,
         persistent: true,

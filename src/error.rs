@@ -16,7 +16,7 @@ pub enum ApiError {
     /// The request body or a parameter is malformed (bad JSON, unknown field, bad value).
     #[error("{0}")]
     BadRequest(String),
-    /// The token is missing or wrong.
+    /// The credential is missing or was refused.
     #[error("a valid bearer token is required")]
     Unauthorized,
     /// The Host header or Origin is not allowed.
@@ -54,6 +54,9 @@ pub enum ApiError {
         /// Sent as `Retry-After` (whole seconds, at least 1).
         retry_after: Duration,
     },
+    /// The caller's owner holds `--max-sessions-per-owner` open sessions.
+    #[error("{0}")]
+    TooManySessions(String),
     /// The gateway cannot take more sessions, or is shutting down.
     #[error("{0}")]
     Unavailable(String),
@@ -84,7 +87,9 @@ impl ApiError {
             }
             ApiError::AgentRefused(_) => StatusCode::BAD_GATEWAY,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooManyRequests { .. } | ApiError::TooManySessions(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::SpawnFailed(_) => StatusCode::BAD_GATEWAY,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -106,6 +111,7 @@ impl ApiError {
             ApiError::AgentRefused(_) => "agent-refused",
             ApiError::UnsupportedMediaType(_) => "unsupported-media-type",
             ApiError::TooManyRequests { .. } => "queue-full",
+            ApiError::TooManySessions(_) => "too-many-sessions",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::SpawnFailed(_) => "spawn-failed",
             ApiError::Timeout(_) => "timeout",

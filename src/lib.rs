@@ -4,6 +4,7 @@
 //! message costs a pipe write instead of a process start.
 //!
 //! # Layout
+//! - [`auth`] — who is asking: the operator or an owner (a JWT's `sub`); JWT verification with keys bound to one algorithm each.
 //! - [`config`] — flags (clap, `AGENTGATE_*` env), TOML agent profiles, the built-in `demo` and `claude` profiles.
 //! - [`content`] — message content: a string or text and image blocks, checked once when posted.
 //! - [`error`] — the one API error type; every variant names its HTTP status.
@@ -19,6 +20,7 @@
 //! - [`demo`] — the built-in demo agent (`agentgate demo-agent`).
 //! - [`metrics`] — Prometheus series for `GET /metrics`: counted where things happen, levels read at scrape time.
 
+pub mod auth;
 pub mod config;
 pub mod content;
 pub mod demo;

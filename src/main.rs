@@ -79,10 +79,12 @@ fn refuse_unsafe(config: &agentgate::Config) -> anyhow::Result<()> {
         return Ok(());
     }
     let public = !config.listen.ip().is_loopback();
-    if public && config.token.is_none() {
+    // A JWT key is a credential too: every request then needs a valid token.
+    let credential = config.token.is_some() || config.jwt.is_some();
+    if public && !credential {
         anyhow::bail!(
             "refusing to listen on {} without a token: an agent CLI runs tools, so an open port is remote code execution. \
-             Set --token (AGENTGATE_TOKEN), or pass --insecure if you really mean it",
+             Set --token (AGENTGATE_TOKEN) or a --jwt-* key, or pass --insecure if you really mean it",
             config.listen
         );
     }
@@ -94,7 +96,7 @@ fn refuse_unsafe(config: &agentgate::Config) -> anyhow::Result<()> {
         );
     }
     let any_origin = config.allow_origin.iter().any(|o| o.trim() == "*");
-    if any_origin && config.token.is_none() {
+    if any_origin && !credential {
         anyhow::bail!(
             "refusing --allow-origin '*' without a token: any web page could then start agents. \
              Set --token, name the origins, or pass --insecure"

@@ -206,6 +206,9 @@ pub struct Session {
     pub usage: SessionUsage,
     /// The session this one was forked from, if any.
     pub forked_from: Option<Uuid>,
+    /// The JWT `sub` that created it (a fork keeps its parent's); null for
+    /// sessions made with the operator token or on a gateway without credentials.
+    pub owner: Option<String>,
 }
 
 /// Reads a millisecond count written as an integer or as a float with no

@@ -63,7 +63,7 @@ pub async fn run(
     let spec = SpawnSpec {
         argv,
         env: child_env(profile),
-        cwd_roots: cwd.is_some().then(|| profile.cwd_roots.clone()),
+        cwd_roots: cwd.is_some().then(|| profile.session_cwd_roots()),
         cwd: cwd.or_else(|| profile.cwd.clone()),
         merge_stderr: profile.merge_stderr,
     };

@@ -216,10 +216,13 @@ impl Binary {
 // ---------------------------------------------------------------- auth
 
 #[tokio::test]
-async fn the_token_guards_every_route_but_healthz() {
+async fn the_token_guards_every_route_but_healthz_and_the_console() {
     let gw = gateway(|c| c.token = Some("s3cret-token".into())).await;
     let anon = client(None);
-    for path in ["/agents", "/sessions", "/", "/openapi.yaml", "/nowhere"] {
+    // The console holds no data: it loads, then asks for a token on a 401.
+    let res = anon.get(gw.url("/")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    for path in ["/agents", "/sessions", "/openapi.yaml", "/nowhere"] {
         let res = anon.get(gw.url(path)).send().await.unwrap();
         assert_eq!(res.headers()["www-authenticate"], "Bearer", "{path}");
         assert_problem(res, 401).await;

@@ -23,6 +23,7 @@ fn session() -> SessionRecord {
         closed: None,
         options: serde_json::json!({"model": "haiku"}),
         forked_from: None,
+        owner: Some("alice@example.com".into()),
     }
 }
 

@@ -105,7 +105,7 @@ test("console: chat with the demo agent, streamed; reload shows the history; rec
 
   await send(page, "what did I say first?");
   await page.waitForFunction(() => document.querySelectorAll('.msg[data-status="completed"]').length === 2);
-  assert.equal((await replies(page))[1], 'First you said: "hello, my name is Ada"\n');
+  assert.equal((await replies(page))[1], 'First you said: "hello, my name is Ada"');
   await page.screenshot({ path: path.join(SCREENSHOTS, "console.png") });
 
   // Reload: the session comes back from the URL, its history from the API.
@@ -114,7 +114,7 @@ test("console: chat with the demo agent, streamed; reload shows the history; rec
   assert.equal(await page.locator("#session-id").textContent(), id);
   await page.waitForFunction(() => document.querySelectorAll('.msg[data-status="completed"]').length === 2);
   assert.deepEqual(await inputs(page), ["hello, my name is Ada", "what did I say first?"]);
-  assert.deepEqual(await replies(page), [first, 'First you said: "hello, my name is Ada"\n']);
+  assert.deepEqual(await replies(page), [first, 'First you said: "hello, my name is Ada"']);
   await page.waitForFunction(() => Number(document.getElementById("stream-status").dataset.lastEventId) > 0);
 
   // Reconnect resumes after the last event seen: nothing is shown twice.
@@ -126,8 +126,8 @@ test("console: chat with the demo agent, streamed; reload shows the history; rec
   await send(page, "count");
   await page.waitForFunction(() => document.querySelectorAll('.msg[data-status="completed"]').length === 3);
   assert.equal(await page.locator(".msg").count(), 3);
-  assert.deepEqual((await replies(page)).slice(0, 2), [first, 'First you said: "hello, my name is Ada"\n']);
-  assert.equal((await replies(page))[2], "You have sent 2 messages before this one.\n");
+  assert.deepEqual((await replies(page)).slice(0, 2), [first, 'First you said: "hello, my name is Ada"']);
+  assert.equal((await replies(page))[2], "You have sent 2 messages before this one.");
   assert.ok(Number(await page.locator("#stream-status").getAttribute("data-last-event-id")) > lastId);
 
   // The session list shows it; closing it ends the stream with session.closed.

@@ -15,7 +15,9 @@
 #  6. generates the TypeScript SDK (@hey-api/openapi-ts), type-checks, runs
 #     its tests (reply streamed over SSE) and examples/sdk/typescript/chat.ts;
 #  7. drives the web console at / and examples/stream.html in headless
-#     Chromium (playwright-core); screenshots go to target/contract/. The
+#     Chromium (playwright-core); screenshots go to target/contract/; then
+#     the console with --token and with a JWT (it asks for the token; a
+#     reply carrying <script> renders as text and runs nothing). The
 #     console's permission buttons answer the real Claude Code CLI
 #     ($AGENTGATE_TEST_CLAUDE_BIN, exported by scripts/test.sh; required) talking
 #     to the test suite's mock of the Anthropic API (examples/mock_anthropic.rs).
@@ -228,6 +230,15 @@ for shot in console.png console-permissions.png stream-example.png; do
     [[ -s "$out/$shot" ]] || { echo "screenshot $out/$shot is missing" >&2; exit 1; }
 done
 echo "screenshots: $out/console.png $out/console-permissions.png $out/stream-example.png"
+gateway_stop_all
+# The console behind credentials: the operator token, and HS256 JWTs.
+console_token="console-$RANDOM$RANDOM$RANDOM$RANDOM"
+jwt_secret="$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')"
+gateway_start console-token --token "$console_token"
+token_url="$GW_URL"
+gateway_start console-jwt --token "$console_token" --jwt-secret "$jwt_secret"
+TOKEN_GATEWAY_URL="$token_url" JWT_GATEWAY_URL="$GW_URL" OPERATOR_TOKEN="$console_token" JWT_SECRET="$jwt_secret" \
+    timeout 120 node --test "$here/console-auth.test.mjs"
 done_step
 
 printf '\ncontract: all checks passed in %d s\n' "$((SECONDS - started))"

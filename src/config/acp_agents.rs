@@ -52,6 +52,7 @@ fn acp_profile(
         pass_env: pass_env.iter().map(|s| s.to_string()).collect(),
         cwd: None,
         cwd_roots: vec![],
+        cwd_template: None,
         prewarm: 0,
         timeout: DEFAULT_TIMEOUT,
         persistent: true,

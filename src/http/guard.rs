@@ -25,15 +25,20 @@
 //!   without a preflight. A preflight (`OPTIONS`
 //!   with `Access-Control-Request-Method`) is answered here, before the
 //!   token check: browsers never send credentials on a preflight.
-//! - **Token** — with `--token`, every route but `/healthz` needs
-//!   `Authorization: Bearer <token>`; the event stream (`GET
-//!   /sessions/{id}/events`) also takes `?access_token=`, because
-//!   EventSource cannot set headers; no other route does (a token in a URL
-//!   ends up in logs and histories). The compare
-//!   takes the same time wherever the first wrong byte is.
+//! - **Credential** — with `--token` or a `--jwt-*` key, every route but
+//!   `/healthz` and the console (`GET /`, which holds no data) needs
+//!   `Authorization: Bearer <token>`: the operator token (compared in time
+//!   that does not depend on where the first wrong byte is) or a JWT
+//!   ([`crate::auth`]). The event stream (`GET /sessions/{id}/events`) also
+//!   takes `?access_token=`, because EventSource cannot set headers; no
+//!   other route does (a token in a URL ends up in logs and histories). A
+//!   credential that was presented and refused is written to the `audit`
+//!   log target with the reason.
 //!
 //! The gate never logs a header or a query string, so tokens stay out of the
-//! logs (the request log writes the path only).
+//! logs (the request log writes the path only). Handlers learn who is asking
+//! from [`Guard::caller`], which the routes call again after the gate let the
+//! request through.
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -46,6 +51,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use super::problem;
+use crate::auth::{Caller, JwtVerifier};
 use crate::config::{Config, Secret};
 use crate::error::ApiError;
 
@@ -60,6 +66,7 @@ const PREFLIGHT_MAX_AGE: &str = "600";
 #[derive(Debug)]
 pub struct Guard {
     token: Option<Secret>,
+    jwt: Option<Arc<JwtVerifier>>,
     hosts: Vec<HostRule>,
     any_host: bool,
     /// Allowed origins, lower-case, without a trailing `/`.
@@ -122,6 +129,7 @@ impl Guard {
         let ip = config.listen.ip();
         Guard {
             token: config.token.clone(),
+            jwt: config.jwt.clone(),
             hosts,
             any_host,
             origins,
@@ -189,12 +197,72 @@ impl Guard {
                 None => refuse(ApiError::NotFound(format!("no route for {path}")), cors),
             });
         }
-        if let Some(token) = &self.token {
-            if path != "/healthz" && !self.authorized(token, method, path, headers, query) {
+        let open = path == "/healthz"
+            || (path == "/" && (method == Method::GET || method == Method::HEAD));
+        if !open {
+            if let Err(refusal) = self.caller(method, path, headers, query) {
+                if let Some(reason) = refusal {
+                    tracing::info!(target: "audit", action = "credential.refused", reason, %method, path, "a credential was refused");
+                }
                 return Err(refuse(ApiError::Unauthorized, cors));
             }
         }
         Ok(cors)
+    }
+
+    /// Who sends this request: the operator for `--token` (or on a gateway
+    /// with no credential configured), else whoever a valid JWT names. The
+    /// error is `None` when no credential came, else why the last one
+    /// presented was refused.
+    pub fn caller(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+        query: &str,
+    ) -> Result<Caller, Option<&'static str>> {
+        if self.token.is_none() && self.jwt.is_none() {
+            return Ok(Caller::OPERATOR);
+        }
+        let from_header = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, value) = v.trim().split_once(' ')?;
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then(|| value.trim_start().to_string())
+            });
+        let from_query: Vec<String> = if takes_query_token(method, path) {
+            serde_urlencoded::from_str::<Vec<(String, String)>>(query)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(k, _)| k == "access_token")
+                .map(|(_, v)| v)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut refused = None;
+        for given in from_header.into_iter().chain(from_query) {
+            match self.verify(&given) {
+                Ok(caller) => return Ok(caller),
+                Err(reason) => refused = Some(reason),
+            }
+        }
+        Err(refused)
+    }
+
+    fn verify(&self, given: &str) -> Result<Caller, &'static str> {
+        if let Some(token) = &self.token {
+            if same_secret(given.as_bytes(), token.expose().as_bytes()) {
+                return Ok(Caller::OPERATOR);
+            }
+        }
+        match &self.jwt {
+            Some(jwt) => jwt.verify(given),
+            None => Err("wrong token"),
+        }
     }
 
     fn host_allowed(&self, host: &HeaderValue) -> bool {
@@ -247,35 +315,6 @@ impl Guard {
         } else {
             OriginKind::Refused
         }
-    }
-
-    fn authorized(
-        &self,
-        token: &Secret,
-        method: &Method,
-        path: &str,
-        headers: &HeaderMap,
-        query: &str,
-    ) -> bool {
-        let from_header = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                let (scheme, value) = v.trim().split_once(' ')?;
-                scheme
-                    .eq_ignore_ascii_case("bearer")
-                    .then(|| value.trim_start())
-            });
-        if from_header.is_some_and(|t| same_secret(t.as_bytes(), token.expose().as_bytes())) {
-            return true;
-        }
-        takes_query_token(method, path)
-            && serde_urlencoded::from_str::<Vec<(String, String)>>(query)
-                .unwrap_or_default()
-                .iter()
-                .any(|(k, v)| {
-                    k == "access_token" && same_secret(v.as_bytes(), token.expose().as_bytes())
-                })
     }
 }
 
@@ -619,6 +658,35 @@ mod tests {
             status(g.check(&post, "/sessions/x/interrupt", &none, "access_token=s3cret")),
             401
         );
+    }
+
+    #[test]
+    fn the_console_and_healthz_open_without_a_credential_jwt_or_token() {
+        let mut jwt = crate::auth::JwtVerifier::new(None, None);
+        jwt.add_secret(&[7; 32]).unwrap();
+        let g = guard(|c| c.jwt = Some(Arc::new(jwt)));
+        let none = HeaderMap::new();
+        for (method, path, want) in [
+            (Method::GET, "/", 200),
+            (Method::HEAD, "/", 200),
+            (Method::GET, "/healthz", 200),
+            (Method::POST, "/", 401),
+            (Method::GET, "/agents", 401),
+            (Method::GET, "/sessions", 401),
+        ] {
+            assert_eq!(
+                status(g.check(&method, path, &none, "")),
+                want,
+                "{method} {path}"
+            );
+        }
+        let junk = headers(&[("authorization", "Bearer not.a.jwt")]);
+        assert_eq!(status(g.check(&Method::GET, "/agents", &junk, "")), 401);
+        assert_eq!(
+            g.caller(&Method::GET, "/agents", &junk, ""),
+            Err(Some("malformed token"))
+        );
+        assert_eq!(g.caller(&Method::GET, "/agents", &none, ""), Err(None));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use warp::Reply;
 
 use super::sse::{self, Scope};
 use super::{json_response, problem, AppState};
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::model::{
     Agent, AgentList, CreateSession, FailureCode, ForkSession, Health, MessageList, MessageStatus,
@@ -139,8 +140,17 @@ pub fn index() -> Response {
     res
 }
 
-/// `GET /metrics`
-pub fn metrics(state: AppState) -> Response {
+/// `GET /metrics`: operators only (the counts span every owner).
+pub fn metrics(state: AppState, caller: Result<Caller, ApiError>) -> Response {
+    match caller {
+        Ok(c) if c.is_operator() => {}
+        Ok(_) => {
+            return problem::response(&ApiError::Forbidden(
+                "metrics are for operators (--token or an agentgate:admin JWT)".into(),
+            ))
+        }
+        Err(e) => return problem::response(&e),
+    }
     let text = state.registry.metrics.render(&state.registry);
     warp::reply::with_header(text, "content-type", crate::metrics::CONTENT_TYPE).into_response()
 }
@@ -150,11 +160,11 @@ pub fn openapi() -> Response {
     warp::reply::with_header(OPENAPI, "content-type", "application/yaml").into_response()
 }
 
-/// `GET /healthz`
+/// `GET /healthz` (open to anyone: it names no session).
 ///
 /// 503 when the store does not answer: a load balancer then sends new
 /// requests to a gateway that can acknowledge them.
-pub async fn healthz(state: AppState) -> Response {
+pub async fn healthz(state: AppState, _caller: Result<Caller, ApiError>) -> Response {
     let store = &state.registry.store;
     if let Err(e) = store.ping().await {
         return answer(Err(ApiError::Unavailable(e.to_string())));
@@ -170,12 +180,17 @@ pub async fn healthz(state: AppState) -> Response {
     )
 }
 
-/// `GET /agents`
-pub fn agents(state: AppState) -> Response {
+/// `GET /agents`: the profiles the caller may use.
+pub fn agents(state: AppState, caller: Result<Caller, ApiError>) -> Response {
+    let caller = match caller {
+        Ok(c) => c,
+        Err(e) => return problem::response(&e),
+    };
     let config = &state.registry.config;
     let agents = config
         .profiles
         .values()
+        .filter(|p| caller.may_use(&p.name))
         .map(|p| Agent {
             name: p.name.clone(),
             protocol: p.protocol,
@@ -190,12 +205,18 @@ pub fn agents(state: AppState) -> Response {
 }
 
 /// `POST /sessions`
-pub async fn create_session(state: AppState, body: Result<Bytes, ApiError>) -> Response {
+pub async fn create_session(
+    state: AppState,
+    caller: Result<Caller, ApiError>,
+    body: Result<Bytes, ApiError>,
+) -> Response {
     answer(
         async {
+            let caller = caller?;
             let req: CreateSession = parse_json(body, true)?.unwrap_or_default();
-            let handle = state.registry.create(req).await?;
+            let handle = state.registry.create_as(req, &caller).await?;
             let view = handle.shared.view();
+            audit("session.create", &caller, &view.id.to_string(), &view.agent);
             Ok(with_location(
                 json_response(StatusCode::CREATED, &view),
                 format!("/sessions/{}", view.id),
@@ -209,11 +230,12 @@ pub async fn create_session(state: AppState, body: Result<Bytes, ApiError>) -> R
 pub async fn update_session(
     id: String,
     state: AppState,
+    caller: Result<Caller, ApiError>,
     body: Result<Bytes, ApiError>,
 ) -> Response {
     answer(
         async {
-            let handle = state.registry.get(&id)?;
+            let handle = state.registry.get(&id, &caller?)?;
             let update: UpdateSession = parse_json(body, false)?.expect("required body");
             let profile = &handle.shared.profile;
             let allow = &profile.client_options;
@@ -236,12 +258,19 @@ pub async fn update_session(
 }
 
 /// `POST /sessions/{id}/fork`
-pub async fn fork_session(id: String, state: AppState, body: Result<Bytes, ApiError>) -> Response {
+pub async fn fork_session(
+    id: String,
+    state: AppState,
+    caller: Result<Caller, ApiError>,
+    body: Result<Bytes, ApiError>,
+) -> Response {
     answer(
         async {
+            let caller = caller?;
             let req: ForkSession = parse_json(body, true)?.unwrap_or_default();
-            let handle = state.registry.fork(&id, req).await?;
+            let handle = state.registry.fork(&id, req, &caller).await?;
             let view = handle.shared.view();
+            audit("session.fork", &caller, &view.id.to_string(), &id);
             Ok(with_location(
                 json_response(StatusCode::CREATED, &view),
                 format!("/sessions/{}", view.id),
@@ -251,49 +280,78 @@ pub async fn fork_session(id: String, state: AppState, body: Result<Bytes, ApiEr
     )
 }
 
-/// `GET /sessions`
-pub fn list_sessions(state: AppState) -> Response {
-    let sessions = state
-        .registry
-        .list()
-        .iter()
-        .map(|h| h.shared.view())
-        .collect();
-    json_response(StatusCode::OK, &SessionList { sessions })
+/// `GET /sessions` (`?owner=`: only that owner's).
+pub fn list_sessions(
+    state: AppState,
+    caller: Result<Caller, ApiError>,
+    raw_query: String,
+) -> Response {
+    answer((|| {
+        let caller = caller?;
+        let q = query(&raw_query)?;
+        let sessions = state
+            .registry
+            .list_for(&caller, q.get("owner").map(String::as_str))
+            .iter()
+            .map(|h| h.shared.view())
+            .collect();
+        Ok(json_response(StatusCode::OK, &SessionList { sessions }))
+    })())
 }
 
 /// `GET /sessions/{id}`
-pub fn get_session(id: String, state: AppState) -> Response {
-    answer(
+pub fn get_session(id: String, state: AppState, caller: Result<Caller, ApiError>) -> Response {
+    answer(caller.and_then(|caller| {
         state
             .registry
-            .get(&id)
-            .map(|h| json_response(StatusCode::OK, &h.shared.view())),
-    )
+            .get(&id, &caller)
+            .map(|h| json_response(StatusCode::OK, &h.shared.view()))
+    }))
 }
 
 /// `DELETE /sessions/{id}`
-pub async fn delete_session(id: String, state: AppState) -> Response {
+pub async fn delete_session(
+    id: String,
+    state: AppState,
+    caller: Result<Caller, ApiError>,
+) -> Response {
     answer(
-        state
-            .registry
-            .delete(&id)
-            .await
-            .map(|()| StatusCode::NO_CONTENT.into_response()),
+        async {
+            let caller = caller?;
+            state.registry.delete(&id, &caller).await?;
+            audit("session.delete", &caller, &id, "");
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        .await,
     )
+}
+
+/// One line of the `audit` log target: who did what to which session.
+/// Never a token: the caller is its kind and `sub`.
+fn audit(action: &'static str, caller: &Caller, session_id: &str, detail: &str) {
+    tracing::info!(
+        target: "audit",
+        action,
+        caller = caller.kind(),
+        owner = caller.sub().unwrap_or(""),
+        session_id,
+        detail,
+        "audit"
+    );
 }
 
 /// `POST /sessions/{id}/messages`
 pub async fn send_message(
     id: String,
     state: AppState,
+    caller: Result<Caller, ApiError>,
     accept: Option<String>,
     raw_query: String,
     body: Result<Bytes, ApiError>,
 ) -> Response {
     answer(
         async {
-            let handle = state.registry.get(&id)?;
+            let handle = state.registry.get(&id, &caller?)?;
             let q = query(&raw_query)?;
             let wait = query_bool(&q, "wait")?;
             let req: SendMessage = parse_json(body, false)?.expect("required body");
@@ -365,9 +423,14 @@ pub async fn send_message(
 }
 
 /// `GET /sessions/{id}/messages`
-pub fn list_messages(id: String, state: AppState, raw_query: String) -> Response {
+pub fn list_messages(
+    id: String,
+    state: AppState,
+    caller: Result<Caller, ApiError>,
+    raw_query: String,
+) -> Response {
     answer((|| {
-        let handle = state.registry.get(&id)?;
+        let handle = state.registry.get(&id, &caller?)?;
         let q = query(&raw_query)?;
         let limit = query_u64(&q, "limit")?.unwrap_or(1000).clamp(1, 10_000) as usize;
         let after = match q.get("after") {
@@ -382,9 +445,14 @@ pub fn list_messages(id: String, state: AppState, raw_query: String) -> Response
 }
 
 /// `GET /sessions/{id}/messages/{mid}`
-pub fn get_message(id: String, mid: String, state: AppState) -> Response {
+pub fn get_message(
+    id: String,
+    mid: String,
+    state: AppState,
+    caller: Result<Caller, ApiError>,
+) -> Response {
     answer((|| {
-        let handle = state.registry.get(&id)?;
+        let handle = state.registry.get(&id, &caller?)?;
         let message = Uuid::parse_str(&mid)
             .ok()
             .and_then(|m| handle.shared.message(m))
@@ -394,10 +462,10 @@ pub fn get_message(id: String, mid: String, state: AppState) -> Response {
 }
 
 /// `POST /sessions/{id}/interrupt`
-pub async fn interrupt(id: String, state: AppState) -> Response {
+pub async fn interrupt(id: String, state: AppState, caller: Result<Caller, ApiError>) -> Response {
     answer(
         async {
-            let handle = state.registry.get(&id)?;
+            let handle = state.registry.get(&id, &caller?)?;
             let mid = handle.interrupt().await?;
             let message = handle
                 .shared
@@ -414,18 +482,26 @@ pub async fn permission(
     id: String,
     request_id: String,
     state: AppState,
+    caller: Result<Caller, ApiError>,
     body: Result<Bytes, ApiError>,
 ) -> Response {
     answer(
         async {
-            let handle = state.registry.get(&id)?;
+            let caller = caller?;
+            let handle = state.registry.get(&id, &caller)?;
             let decision: PermissionDecision = parse_json(body, false)?.expect("required body");
             if decision.behavior.is_none() && decision.option_id.is_none() {
                 return Err(ApiError::BadRequest(
                     "give `behavior` or `option_id`".into(),
                 ));
             }
+            let answer = match (&decision.behavior, &decision.option_id) {
+                (Some(b), _) => format!("request {request_id}: {b:?}"),
+                (None, Some(o)) => format!("request {request_id}: option {o:?}"),
+                (None, None) => String::new(),
+            };
             handle.permission(request_id, decision).await?;
+            audit("permission.answer", &caller, &id, &answer);
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         .await,
@@ -436,11 +512,12 @@ pub async fn permission(
 pub fn events(
     id: String,
     state: AppState,
+    caller: Result<Caller, ApiError>,
     last_event_id: Option<String>,
     raw_query: String,
 ) -> Response {
     answer((|| {
-        let handle = state.registry.get(&id)?;
+        let handle = state.registry.get(&id, &caller?)?;
         let q = query(&raw_query)?;
         let after = match last_event_id {
             Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
@@ -461,7 +538,8 @@ pub fn events(
 }
 
 /// A place among the open event streams (`--max-event-streams`), or 429.
-/// The cap is global: owners (and a cap per owner) come with user accounts.
+/// The cap is global, all owners together: a share per owner is not built
+/// yet (`--max-sessions-per-owner` bounds what one owner can open).
 fn stream_permit(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
     state
         .event_streams
@@ -488,16 +566,20 @@ impl Drop for AbortOnDrop {
 /// `POST /oneshot`
 pub async fn oneshot(
     state: AppState,
+    caller: Result<Caller, ApiError>,
     accept: Option<String>,
     body: Result<Bytes, ApiError>,
 ) -> Response {
     answer(async {
+        let caller = caller?;
         let req: OneshotRequest = parse_json(body, false)?.expect("required body");
         if state.registry.is_shutting_down() {
             return Err(ApiError::Unavailable("the gateway is shutting down".into()));
         }
         let registry = &state.registry;
         let profile = registry.profile(req.agent.as_deref())?;
+        caller.check_agent(&profile.name)?;
+        let cwd = registry.oneshot_cwd(&profile, &caller)?;
         // Held by the run's task: released when it ends, is aborted or its client leaves.
         let permit = state.oneshots.clone().try_acquire_owned().map_err(|_| {
             ApiError::Unavailable(format!(
@@ -518,7 +600,7 @@ pub async fn oneshot(
             let log = task_log;
             log.publish("message.started", Some(mid), &json!({"message_id": mid}));
             let argv = task_profile.oneshot_argv(None);
-            let result = crate::oneshot::run(&task_profile, argv, None, &req.content, timeout, config.max_output, |signal| {
+            let result = crate::oneshot::run(&task_profile, argv, cwd, &req.content, timeout, config.max_output, |signal| {
                 use crate::protocol::Signal;
                 match signal {
                     Signal::Delta(text) => {

@@ -22,6 +22,7 @@ use warp::http::Method;
 use warp::reply::Response;
 use warp::{Buf, Filter, Rejection, Reply};
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::session::Registry;
 
@@ -175,11 +176,34 @@ fn header(
     })
 }
 
+/// Who sends the request ([`guard::Guard::caller`]). The gate in front of
+/// the routes has already refused a request without a valid credential, so
+/// the error arm is only reached if a token expires between the two looks;
+/// asking again (rather than passing the gate's answer through) keeps the
+/// routes free of per-request state, at the price of a second signature check.
+/// Boxed, as the routes are below: every route embeds it, and the nested
+/// filter types are what reach rustc's query depth limit.
+fn caller(guard: Arc<guard::Guard>) -> warp::filters::BoxedFilter<(Result<Caller, ApiError>,)> {
+    warp::method()
+        .and(warp::path::full())
+        .and(warp::header::headers_cloned())
+        .and(raw_query())
+        .map(
+            move |method: Method, path: FullPath, headers: warp::http::HeaderMap, query: String| {
+                guard
+                    .caller(&method, path.as_str(), &headers, &query)
+                    .map_err(|_| ApiError::Unauthorized)
+            },
+        )
+        .boxed()
+}
+
 /// All routes, with the 404/405 fallback and the problem+json recover.
 pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     use warp::path::{end, param};
     let limit = state.registry.config.max_body;
-    let s = || with_state(state.clone());
+    let guard = Arc::new(guard::Guard::new(&state.registry.config));
+    let s = || with_state(state.clone()).and(caller(guard.clone()));
 
     let index = warp::path::end().and(get()).map(handlers::index);
     let agents = warp::path!("agents")
@@ -189,6 +213,7 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
     let sessions_list = warp::path!("sessions")
         .and(get())
         .and(s())
+        .and(raw_query())
         .map(handlers::list_sessions);
     let sessions_create = warp::path!("sessions")
         .and(warp::post())
@@ -299,14 +324,17 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .or(metrics)
         .unify()
         .or(openapi)
-        .unify();
+        .unify()
+        // One boxed filter: the nested type of seventeen routes, the gate,
+        // the recover and the log went past rustc's query depth limit
+        // wherever the whole is used (e.g. `warp::test` in tests/fuzz.rs).
+        .boxed();
     let fallback = warp::method()
         .and(warp::path::full())
         .map(|method: Method, path: FullPath| no_route(&method, path.as_str()));
     let log = warp::log::custom(|info| {
         tracing::debug!(method = %info.method(), path = info.path(), status = info.status().as_u16(), elapsed_ms = info.elapsed().as_millis() as u64, "request");
     });
-    let guard = Arc::new(guard::Guard::new(&state.registry.config));
     guard::protect(guard, api.or(fallback).unify()).with(log)
 }
 

@@ -96,6 +96,8 @@ pub struct SessionShared {
     pub created_at: OffsetDateTime,
     /// The session it was forked from.
     pub forked_from: Option<Uuid>,
+    /// The JWT `sub` that created it; `None`: the operator's.
+    pub owner: Option<String>,
     /// Working directory of its children.
     pub cwd: Option<PathBuf>,
     /// Its events.
@@ -172,6 +174,7 @@ impl SessionShared {
             options: s.options.clone(),
             usage: sum_usage(&s.messages),
             forked_from: self.forked_from,
+            owner: self.owner.clone(),
         }
     }
 
@@ -190,6 +193,7 @@ impl SessionShared {
             closed: closed.map(str::to_string),
             options: serde_json::to_value(&s.options).unwrap_or_default(),
             forked_from: self.forked_from,
+            owner: self.owner.clone(),
         }
     }
 

@@ -32,7 +32,7 @@ pub fn spawn_spec(
     SpawnSpec {
         argv: profile.persistent_argv(resume),
         env: child_env(profile),
-        cwd_roots: cwd.is_some().then(|| profile.cwd_roots.clone()),
+        cwd_roots: cwd.is_some().then(|| profile.session_cwd_roots()),
         cwd: cwd.or_else(|| profile.cwd.clone()),
         merge_stderr: profile.merge_stderr,
     }

@@ -1,6 +1,12 @@
 //! The registry: every live session by id, the limits that span sessions
-//! (`max_sessions`, `max_children`), and shutdown.
+//! (`max_sessions`, `max_sessions_per_owner`, `max_children`), and shutdown.
+//!
+//! It is also the one place that checks ownership: every lookup a request
+//! makes names its [`Caller`], and a session the caller may not reach is
+//! answered exactly like one that does not exist (404), so its id tells
+//! another owner nothing.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,6 +21,7 @@ use uuid::Uuid;
 
 use super::actor::Actor;
 use super::{CloseReason, Command, EventLog, SessionHandle, SessionShared, Status};
+use crate::auth::Caller;
 use crate::config::{AgentProfile, Config};
 use crate::error::ApiError;
 use crate::model::{CreateSession, ForkSession, Message, SessionState};
@@ -32,6 +39,9 @@ struct Seed {
     fork_from: Option<String>,
     last_total_cost: Option<f64>,
     forked_from: Option<Uuid>,
+    owner: Option<String>,
+    /// Whether `max_sessions_per_owner` applies (owners yes, operators no).
+    limited: bool,
 }
 
 /// All live sessions.
@@ -45,6 +55,8 @@ pub struct Registry {
     live_children: AtomicUsize,
     /// Sessions whose next message waits for a child slot.
     waiters: Mutex<Vec<Uuid>>,
+    /// Open sessions per owner (`max_sessions_per_owner`).
+    owners: Mutex<HashMap<String, usize>>,
     shutting_down: AtomicBool,
     pool: super::prewarm::Pool,
     /// Where sessions are kept.
@@ -68,6 +80,7 @@ impl Registry {
             reserved: AtomicUsize::new(0),
             live_children: AtomicUsize::new(0),
             waiters: Mutex::new(Vec::new()),
+            owners: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
             pool: Default::default(),
             metrics: crate::metrics::Metrics::new(),
@@ -127,15 +140,33 @@ impl Registry {
         })
     }
 
-    /// Creates a session and starts its child.
+    /// Creates a session for the operator and starts its child.
     pub async fn create(self: &Arc<Self>, req: CreateSession) -> Result<SessionHandle, ApiError> {
+        self.create_as(req, &Caller::OPERATOR).await
+    }
+
+    /// Creates a session owned by `caller` (its `sub`) and starts its child:
+    /// 403 for a profile its `agents` claim leaves out, 429 past
+    /// `max_sessions_per_owner`.
+    pub async fn create_as(
+        self: &Arc<Self>,
+        req: CreateSession,
+        caller: &Caller,
+    ) -> Result<SessionHandle, ApiError> {
         let profile = self.profile(req.agent.as_deref())?;
+        caller.check_agent(&profile.name)?;
         req.options.check(&profile)?;
-        let cwd = resolve_cwd(&profile, req.cwd.as_deref())?;
+        let owner = caller.sub().map(str::to_string);
+        let cwd = match (&owner, &profile.cwd_template) {
+            (Some(owner), Some(_)) => owner_cwd(&profile, owner, req.cwd.as_deref())?,
+            _ => resolve_cwd(&profile, req.cwd.as_deref())?,
+        };
         let seed = Seed {
             title: req.title,
             metadata: req.metadata,
             options: req.options,
+            owner,
+            limited: !caller.is_operator(),
             ..Seed::default()
         };
         self.insert(profile, cwd, seed).await
@@ -148,8 +179,9 @@ impl Registry {
         self: &Arc<Self>,
         parent: &str,
         req: ForkSession,
+        caller: &Caller,
     ) -> Result<SessionHandle, ApiError> {
-        let parent = self.get(parent)?;
+        let parent = self.get(parent, caller)?;
         let profile = parent.shared.profile.clone();
         if profile.protocol != crate::config::ProtocolKind::ClaudeStreamJson {
             return Err(ApiError::BadRequest(format!(
@@ -174,6 +206,8 @@ impl Registry {
             fork_from: Some(conversation),
             last_total_cost,
             forked_from: Some(parent.id()),
+            owner: parent.shared.owner.clone(),
+            limited: !caller.is_operator(),
         };
         self.insert(profile, parent.shared.cwd.clone(), seed).await
     }
@@ -194,6 +228,16 @@ impl Registry {
                 "the gateway holds its maximum of {max} sessions"
             )));
         }
+        if let Some(owner) = &seed.owner {
+            let limit = seed
+                .limited
+                .then_some(self.config.max_sessions_per_owner)
+                .flatten();
+            if let Err(e) = self.take_owner_place(owner, limit) {
+                self.reserved.fetch_sub(1, Ordering::SeqCst);
+                return Err(e);
+            }
+        }
         let id = Uuid::new_v4();
         let now = OffsetDateTime::now_utc();
         // A warm child knows nothing of options, forks or a session's own cwd.
@@ -212,6 +256,7 @@ impl Registry {
             profile: profile.clone(),
             created_at: now,
             forked_from: seed.forked_from,
+            owner: seed.owner,
             cwd,
             log: EventLog::new(self.config.replay_events, self.config.replay_bytes),
             idle_timeout: self.config.idle_timeout,
@@ -251,7 +296,7 @@ impl Registry {
                 Ok::<(), crate::store::StoreError>(())
             };
             if let Err(e) = stored.await {
-                self.reserved.fetch_sub(1, Ordering::SeqCst);
+                self.release(&shared);
                 tracing::error!(error = %e, "cannot store a new session");
                 return Err(ApiError::Unavailable(e.to_string()));
             }
@@ -294,12 +339,29 @@ impl Registry {
         &self.pool
     }
 
-    /// The session `id`.
-    pub fn get(&self, id: &str) -> Result<SessionHandle, ApiError> {
+    /// The session `id`, if `caller` may reach it: another owner's session
+    /// is answered as one that does not exist.
+    pub fn get(&self, id: &str, caller: &Caller) -> Result<SessionHandle, ApiError> {
+        self.find(id)
+            .filter(|h| caller.may_see(h.shared.owner.as_deref()))
+            .ok_or_else(|| ApiError::NotFound(format!("no session {id}")))
+    }
+
+    fn find(&self, id: &str) -> Option<SessionHandle> {
         Uuid::parse_str(id)
             .ok()
             .and_then(|id| self.sessions.get(&id).map(|h| h.clone()))
-            .ok_or_else(|| ApiError::NotFound(format!("no session {id}")))
+    }
+
+    /// The sessions `caller` may reach, oldest first; with `owner`, only
+    /// that owner's.
+    pub fn list_for(&self, caller: &Caller, owner: Option<&str>) -> Vec<SessionHandle> {
+        let mut all = self.list();
+        all.retain(|h| {
+            let theirs = h.shared.owner.as_deref();
+            caller.may_see(theirs) && owner.is_none_or(|o| theirs == Some(o))
+        });
+        all
     }
 
     /// Every live session, oldest first.
@@ -328,10 +390,13 @@ impl Registry {
     /// Deletes session `id`: it leaves the registry at once (so of several
     /// concurrent DELETEs exactly one finds it: 204, the others 404), then
     /// closes (one `session.closed`); returns once its child is gone.
-    pub async fn delete(&self, id: &str) -> Result<(), ApiError> {
+    pub async fn delete(&self, id: &str, caller: &Caller) -> Result<(), ApiError> {
         let handle = Uuid::parse_str(id)
             .ok()
-            .and_then(|id| self.sessions.remove(&id))
+            .and_then(|id| {
+                self.sessions
+                    .remove_if(&id, |_, h| caller.may_see(h.shared.owner.as_deref()))
+            })
             .map(|(_, h)| h)
             .ok_or_else(|| ApiError::NotFound(format!("no session {id}")))?;
         handle.close(CloseReason::Deleted).await;
@@ -403,6 +468,7 @@ impl Registry {
                 profile: profile.clone(),
                 created_at: record.created_at,
                 forked_from: record.forked_from,
+                owner: record.owner.clone(),
                 cwd: record.cwd.as_ref().map(PathBuf::from),
                 log: log.clone(),
                 idle_timeout: self.config.idle_timeout,
@@ -438,6 +504,10 @@ impl Registry {
                 &serde_json::json!({"state": SessionState::Suspended, "reason": "restarted"}),
             );
             self.reserved.fetch_add(1, Ordering::SeqCst);
+            if let Some(owner) = &record.owner {
+                // Restored sessions count, even past a limit lowered since.
+                let _ = self.take_owner_place(owner, None);
+            }
             self.launch(shared);
             restored += 1;
         }
@@ -487,6 +557,7 @@ impl Registry {
             profile,
             created_at: record.created_at,
             forked_from: record.forked_from,
+            owner: record.owner.clone(),
             cwd: record.cwd.as_ref().map(PathBuf::from),
             log,
             idle_timeout: self.config.idle_timeout,
@@ -521,7 +592,8 @@ impl Registry {
     /// Closes session `id` for `reason` (expiry): it stays readable as a
     /// `closed` session until the reaper forgets it.
     pub async fn close(&self, id: &str, reason: CloseReason) -> Result<(), ApiError> {
-        let handle = self.get(id)?;
+        let handle = self.get(id, &Caller::OPERATOR)?;
+        tracing::info!(target: "audit", action = "session.close", caller = "gateway", owner = handle.shared.owner.as_deref().unwrap_or(""), session_id = id, detail = ?reason, "audit");
         handle.close(reason).await;
         Ok(())
     }
@@ -537,7 +609,52 @@ impl Registry {
     fn release(&self, shared: &SessionShared) {
         if !shared.released.swap(true, Ordering::SeqCst) {
             self.reserved.fetch_sub(1, Ordering::SeqCst);
+            if let Some(owner) = &shared.owner {
+                let mut owners = self.owners.lock().expect("owners poisoned");
+                if let Some(n) = owners.get_mut(owner) {
+                    *n -= 1;
+                    if *n == 0 {
+                        owners.remove(owner);
+                    }
+                }
+            }
         }
+    }
+
+    /// Counts one more open session of `owner`, unless it holds `limit` already (429).
+    fn take_owner_place(&self, owner: &str, limit: Option<usize>) -> Result<(), ApiError> {
+        let mut owners = self.owners.lock().expect("owners poisoned");
+        let n = owners.entry(owner.to_string()).or_insert(0);
+        if let Some(max) = limit.filter(|max| *n >= *max) {
+            return Err(ApiError::TooManySessions(format!(
+                "this owner holds its maximum of {max} sessions (--max-sessions-per-owner); close one first"
+            )));
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    /// The working directory `caller`'s one-shot runs of `profile` get:
+    /// the owner's directory of a `cwd_template`, else the profile's own.
+    pub fn oneshot_cwd(
+        &self,
+        profile: &AgentProfile,
+        caller: &Caller,
+    ) -> Result<Option<PathBuf>, ApiError> {
+        match caller.sub() {
+            Some(owner) if profile.cwd_template.is_some() => owner_cwd(profile, owner, None),
+            _ => Ok(None),
+        }
+    }
+
+    /// Open sessions of `owner`.
+    pub fn owner_sessions(&self, owner: &str) -> usize {
+        self.owners
+            .lock()
+            .expect("owners poisoned")
+            .get(owner)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Drops a session from the registry.
@@ -689,5 +806,66 @@ fn resolve_cwd(profile: &AgentProfile, cwd: Option<&str>) -> Result<Option<PathB
     if !path.is_dir() || !roots.iter().any(|root| path.starts_with(root)) {
         return Err(outside());
     }
+    Ok(Some(path))
+}
+
+/// The working directory of `owner`'s session of a profile with a
+/// `cwd_template`: the template with `{owner}` replaced by a safe name
+/// ([`crate::auth::owner_dir_name`]), created (0700) on first use. It must
+/// come out under the template's base (and under a `cwd_roots` entry when
+/// the profile has any). A `cwd` the client asked for must lie inside it.
+fn owner_cwd(
+    profile: &AgentProfile,
+    owner: &str,
+    asked: Option<&str>,
+) -> Result<Option<PathBuf>, ApiError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let (Some(template), Some(base)) = (&profile.cwd_template, profile.cwd_template_base()) else {
+        return Ok(None);
+    };
+    let name = crate::auth::owner_dir_name(owner);
+    let dir = PathBuf::from(template.replacen("{owner}", &name, 1));
+    let broken = |what: String| {
+        ApiError::Internal(format!(
+            "profile {:?}: cwd_template {template:?}: {what}",
+            profile.name
+        ))
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| broken(format!("cannot create {}: {e}", dir.display())))?;
+    let real = std::fs::canonicalize(&dir).map_err(|e| broken(e.to_string()))?;
+    let base = std::fs::canonicalize(&base).map_err(|e| broken(e.to_string()))?;
+    if !real.starts_with(base.join(&name)) {
+        return Err(broken(format!(
+            "{} leads outside {} (a symlink?)",
+            dir.display(),
+            base.display()
+        )));
+    }
+    let roots: Vec<PathBuf> = profile
+        .cwd_roots
+        .iter()
+        .filter_map(|r| std::fs::canonicalize(r).ok())
+        .collect();
+    if !profile.cwd_roots.is_empty() && !roots.iter().any(|r| real.starts_with(r)) {
+        return Err(broken(format!(
+            "{} is not under the profile's cwd_roots",
+            real.display()
+        )));
+    }
+    let Some(asked) = asked else {
+        return Ok(Some(real));
+    };
+    let path = std::fs::canonicalize(asked)
+        .ok()
+        .filter(|p| p.is_dir() && p.starts_with(&real))
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "cwd {asked:?} is not an existing directory inside this owner's working directory"
+            ))
+        })?;
     Ok(Some(path))
 }

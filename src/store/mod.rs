@@ -133,6 +133,10 @@ pub struct SessionRecord {
     /// The session it was forked from.
     #[serde(default)]
     pub forked_from: Option<Uuid>,
+    /// Its owner (JWT `sub`). Kept in its own column, not in `body`, so the
+    /// store can be asked about an owner's sessions.
+    #[serde(skip)]
+    pub owner: Option<String>,
 }
 
 /// One stored event.
@@ -300,11 +304,12 @@ impl Store {
             };
             let body = serde_json::to_string(s).map_err(|e| StoreError::Query(e.to_string()))?;
             sqlx::query(
-                "INSERT INTO sessions (id, body) VALUES ($1, $2) \
-                 ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+                "INSERT INTO sessions (id, body, owner) VALUES ($1, $2, $3) \
+                 ON CONFLICT (id) DO UPDATE SET body = excluded.body, owner = excluded.owner",
             )
             .bind(s.id.to_string())
             .bind(body)
+            .bind(s.owner.clone())
             .execute(pool)
             .await?;
             Ok(())
@@ -425,15 +430,16 @@ impl Store {
             let Some(pool) = &self.pool else {
                 return Ok(vec![]);
             };
-            let rows = sqlx::query("SELECT body, seq_ceiling FROM sessions")
+            let rows = sqlx::query("SELECT body, seq_ceiling, owner FROM sessions")
                 .fetch_all(pool)
                 .await?;
             let mut out = Vec::with_capacity(rows.len());
             for row in rows {
                 let body: String = row.try_get(0)?;
                 let ceiling: i64 = row.try_get(1)?;
+                let owner: Option<String> = row.try_get(2)?;
                 match serde_json::from_str::<SessionRecord>(&body) {
-                    Ok(s) => out.push((s, ceiling.max(0) as u64)),
+                    Ok(s) => out.push((SessionRecord { owner, ..s }, ceiling.max(0) as u64)),
                     Err(e) => {
                         tracing::error!(error = %e, "a stored session cannot be read; skipped")
                     }
