@@ -39,7 +39,7 @@
 //!   messages of `--history-bytes` (1 KB) each; gateway RSS growth per
 //!   message (over the whole run, and over its second half, once the
 //!   bounded event log is full). Not part of `all` (it is about memory, not
-//!   speed, and takes ~10–30 s per store).
+//!   speed, and takes ~30–90 s per store here).
 //!
 //! Stores (`--stores`, comma-separated: `memory`, `sqlite`, `postgres`;
 //! default `memory,sqlite`, plus `postgres` when `--postgres-url` is given):
