@@ -3,6 +3,9 @@
 //! ```sh
 //! cargo run --release --example loadgen                      # every scenario, ~2 min
 //! cargo run --release --example loadgen -- --scenarios single,sweep --json target/loadgen.json
+//! # the store comparison (issue 9): one gateway per store, in one run
+//! cargo run --release --example loadgen -- --scenarios single,sweep,history \
+//!     --concurrency 16 --stores memory,sqlite,postgres --postgres-url postgres://…/db
 //! ```
 //!
 //! The gateway is served in this process on `127.0.0.1:0`, on its own tokio
@@ -32,10 +35,29 @@
 //!   when many sessions are live but the machine is not saturated.
 //! - `fanout`: `--subscribers` (1,000) `GET /sessions/{id}/events` streams on
 //!   one session; every subscriber must receive every event; delivery latency.
+//! - `history`: one session, `--history-messages` (20,000) sequential
+//!   messages of `--history-bytes` (1 KB) each; gateway RSS growth per
+//!   message (over the whole run, and over its second half, once the
+//!   bounded event log is full). Not part of `all` (it is about memory, not
+//!   speed, and takes ~30–90 s per store here).
+//!
+//! Stores (`--stores`, comma-separated: `memory`, `sqlite`, `postgres`;
+//! default `memory,sqlite`, plus `postgres` when `--postgres-url` is given):
+//! with one store the gateway keeps its sessions there (SQLite: a file in a
+//! temporary directory; PostgreSQL: a fresh database with a random name
+//! created on the `--postgres-url` server and dropped at the end). With
+//! several, this program runs itself once per store (a fresh process each,
+//! so RSS figures do not inherit memory freed by the previous store) with
+//! the same arguments, then prints per store the latency added over the
+//! direct pipe and throughput as a percentage of `memory`.
 //!
 //! CPU is read per thread from `/proc/self/task/*/schedstat`, so the
 //! gateway's CPU is told apart from the load generator's in this process.
 //! Everything is bounded in count and time and talks to loopback only.
+
+// The gateway's future (warp's filter types) is spawned here, so its `Send`
+// bound is proven in this crate: deeper than the default limit.
+#![recursion_limit = "256"]
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -44,6 +66,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agentgate::store::{Store, StoreSpec};
 use clap::Parser;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -57,9 +80,12 @@ stop_grace = "1s"
 "#;
 
 #[derive(Parser, Debug, Clone)]
-#[command(about = "agentgate load generator (see the file's doc comment)")]
+#[command(
+    about = "agentgate load generator (see the file's doc comment)",
+    args_override_self = true
+)]
 struct Args {
-    /// Scenarios to run, comma-separated: idle,create,single,floor,sweep,paced,fanout (or all).
+    /// Scenarios to run, comma-separated: idle,create,single,floor,sweep,paced,fanout,history (all: every one but history).
     #[arg(long, default_value = "all")]
     scenarios: String,
     /// Messages per mode in `single` (split into rounds).
@@ -108,6 +134,23 @@ struct Args {
     /// Write every figure as JSON here (input of `examples/bench_plot.rs`).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Stores to run the scenarios against, comma-separated: memory,sqlite,postgres
+    /// [default: memory,sqlite, plus postgres with --postgres-url].
+    #[arg(long, value_delimiter = ',')]
+    stores: Option<Vec<String>>,
+    /// A PostgreSQL server for the `postgres` store: a database with a random
+    /// name is created in it for the run and dropped at the end.
+    #[arg(long)]
+    postgres_url: Option<String>,
+    /// Internal: run one store in this process (set by the --stores run for each store).
+    #[arg(long, hide = true)]
+    run_store: Option<String>,
+    /// Messages of `history`.
+    #[arg(long, default_value_t = 20_000)]
+    history_messages: usize,
+    /// Bytes per message of `history`.
+    #[arg(long, default_value_t = 1024)]
+    history_bytes: usize,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,6 +161,33 @@ enum ClientKind {
 
 fn main() {
     let args = Args::parse();
+    let stores = args.run_store.clone().map(|s| vec![s]);
+    let stores = stores.or(args.stores.clone()).unwrap_or_else(|| {
+        let mut s = vec!["memory".to_string(), "sqlite".to_string()];
+        if args.postgres_url.is_some() {
+            s.push("postgres".into());
+        }
+        s
+    });
+    for s in &stores {
+        match s.as_str() {
+            "memory" | "sqlite" => {}
+            "postgres" if args.postgres_url.is_some() => {}
+            "postgres" => {
+                eprintln!("--stores postgres needs --postgres-url URL (a server where a database may be created)");
+                std::process::exit(2);
+            }
+            other => {
+                eprintln!("unknown store {other:?}: use memory, sqlite or postgres");
+                std::process::exit(2);
+            }
+        }
+    }
+    if stores.len() > 1 {
+        compare_stores(&args, &stores);
+        return;
+    }
+    let store = stores[0].clone();
     if args.log != "off" {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
@@ -136,7 +206,7 @@ fn main() {
             .map(|s| s.trim().to_string())
             .collect()
     };
-    let gw = Gateway::start(args.gateway_threads);
+    let gw = Gateway::start(args.gateway_threads, &store, args.postgres_url.as_deref());
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.client_threads)
         .thread_name("lg")
@@ -145,11 +215,12 @@ fn main() {
         .expect("client runtime");
     println!("{}", machine_line());
     println!(
-        "gateway {} ({} threads), load generator {} threads, child: sed -u 'a __END__'\n",
-        gw.base, args.gateway_threads, args.client_threads
+        "gateway {} ({} threads, store {}), load generator {} threads, child: sed -u 'a __END__'\n",
+        gw.base, args.gateway_threads, gw.store, args.client_threads
     );
     let mut report = serde_json::Map::new();
     report.insert("machine".into(), machine_json());
+    report.insert("store".into(), json!(store));
     report.insert(
         "args".into(),
         json!({"gateway_threads": args.gateway_threads, "client_threads": args.client_threads, "log": args.log, "client": format!("{:?}", args.client).to_lowercase()}),
@@ -168,6 +239,7 @@ fn main() {
                 "paced" => paced(&c, &base, &a).await,
                 "fanout" => fanout(&c, &base, &a).await,
                 "floor" => http_floor(&base, &a).await,
+                "history" => history(&base, &a).await,
                 other => panic!("unknown scenario {other:?}"),
             }
         });
@@ -185,18 +257,165 @@ fn main() {
     }
 }
 
+/// Runs this program once per store (same arguments, `--stores` narrowed to
+/// one), each in a fresh process, then compares their figures.
+fn compare_stores(args: &Args, stores: &[String]) {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut runs = serde_json::Map::new();
+    for store in stores {
+        println!("################ store: {store}\n");
+        let out = dir.path().join(format!("{store}.json"));
+        let status = std::process::Command::new(&exe)
+            .args(std::env::args_os().skip(1))
+            .arg("--run-store")
+            .arg(store)
+            .arg("--json")
+            .arg(&out)
+            .status()
+            .expect("run the load generator");
+        if !status.success() {
+            eprintln!("the {store} run failed: {status}");
+            std::process::exit(1);
+        }
+        let text = std::fs::read_to_string(&out).expect("read a run's figures");
+        runs.insert(store.clone(), serde_json::from_str(&text).expect("figures"));
+    }
+    let summary = store_summary(&runs);
+    if let Some(path) = &args.json {
+        let report = json!({
+            "machine": machine_json(),
+            "stores": runs,
+            "summary": summary,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&report).unwrap()).expect("write --json");
+        println!("figures written to {}", path.display());
+    }
+}
+
+/// Per store: added latency over the direct pipe (`single`), throughput as a
+/// percentage of `memory` (`sweep`), RSS per message (`history`).
+fn store_summary(runs: &serde_json::Map<String, Value>) -> Value {
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    println!("################ stores compared (each store ran in its own process, one after the other)\n");
+    let mut out = serde_json::Map::new();
+    if runs.values().any(|r| r.get("single").is_some()) {
+        println!("single: latency added over the direct pipe (ms; target with sqlite: first delta p50 <= 0.3)");
+        println!(
+            "  {:<9} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
+            "store", "first p50", "first p99", "done p50", "done p99", "wait p50", "wait p99"
+        );
+        for (name, r) in runs {
+            let s = &r["single"];
+            if s.is_null() {
+                continue;
+            }
+            println!(
+                "  {:<9} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
+                name,
+                ms(f(&s["added_first_p50_ms"])),
+                ms(f(&s["added_first_p99_ms"])),
+                ms(f(&s["added_done_p50_ms"])),
+                ms(f(&s["added_done_p99_ms"])),
+                ms(f(&s["added_wait_p50_ms"])),
+                ms(f(&s["added_wait_p99_ms"])),
+            );
+            out.insert(
+                format!("{name}_single"),
+                json!({
+                    "added_first_p50_ms": s["added_first_p50_ms"], "added_first_p99_ms": s["added_first_p99_ms"],
+                    "added_done_p50_ms": s["added_done_p50_ms"], "added_done_p99_ms": s["added_done_p99_ms"],
+                    "added_wait_p50_ms": s["added_wait_p50_ms"], "added_wait_p99_ms": s["added_wait_p99_ms"],
+                }),
+            );
+        }
+        println!();
+    }
+    let memory_sweep = runs.get("memory").map(|r| r["sweep"].clone());
+    if runs.values().any(|r| r.get("sweep").is_some()) {
+        println!("sweep: throughput (target with sqlite at 16 sessions: >= 70 % of memory). \"normalised\" divides each run's");
+        println!("gateway rate by its own direct-pipe rate first, so machine noise between the runs cancels out.");
+        println!(
+            "  {:<9} {:>5} {:>10} {:>10} {:>9} {:>11} {:>11} {:>10}",
+            "store", "c", "gw msg/s", "direct", "gw/direct", "% memory", "normalised", "done p99"
+        );
+        for (name, r) in runs {
+            let Some(points) = r["sweep"].as_array() else {
+                continue;
+            };
+            for p in points {
+                let c = p["concurrency"].clone();
+                let mem = memory_sweep
+                    .as_ref()
+                    .and_then(|m| m.as_array())
+                    .and_then(|m| m.iter().find(|q| q["concurrency"] == c));
+                let rate = f(&p["gateway"]["per_s"]);
+                let ratio = f(&p["throughput_ratio"]);
+                let (pct, norm) = mem.map_or((f64::NAN, f64::NAN), |m| {
+                    (
+                        100.0 * rate / f(&m["gateway"]["per_s"]),
+                        100.0 * ratio / f(&m["throughput_ratio"]),
+                    )
+                });
+                println!(
+                    "  {:<9} {:>5} {:>10.0} {:>10.0} {:>8.0}% {:>10.0}% {:>10.0}% {:>10}",
+                    name,
+                    c,
+                    rate,
+                    f(&p["direct"]["per_s"]),
+                    100.0 * ratio,
+                    pct,
+                    norm,
+                    ms(f(&p["gateway"]["done"]["p99_ms"])),
+                );
+                out.insert(
+                    format!("{name}_sweep_c{c}"),
+                    json!({"gateway_per_s": rate, "direct_per_s": p["direct"]["per_s"], "throughput_ratio": ratio, "pct_of_memory": pct, "pct_of_memory_normalised": norm}),
+                );
+            }
+        }
+        println!();
+    }
+    if runs.values().any(|r| r.get("history").is_some()) {
+        println!("history: gateway RSS growth per message (target <= 200 bytes)");
+        for (name, r) in runs {
+            let h = &r["history"];
+            if h.is_null() {
+                continue;
+            }
+            println!(
+                "  {:<9} {:>7.0} bytes per message over {} messages; {:>7.0} over the second half; {:.0} msg/s",
+                name,
+                f(&h["bytes_per_message"]),
+                h["messages"],
+                f(&h["bytes_per_message_second_half"]),
+                f(&h["per_s"]),
+            );
+            out.insert(format!("{name}_history"), h.clone());
+        }
+        println!();
+    }
+    Value::Object(out)
+}
+
 // ---------------------------------------------------------------- gateway
 
 /// The gateway on its own runtime in this process.
 struct Gateway {
     base: String,
+    /// The store, as shown in logs.
+    store: String,
     rt: tokio::runtime::Runtime,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
+    /// The SQLite store's directory, removed when dropped.
+    _dir: Option<tempfile::TempDir>,
+    /// The PostgreSQL database made for this run: (server URL, name).
+    pg_db: Option<(String, String)>,
 }
 
 impl Gateway {
-    fn start(threads: usize) -> Gateway {
+    fn start(threads: usize, store: &str, postgres_url: Option<&str>) -> Gateway {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("gw")
@@ -211,19 +430,51 @@ impl Gateway {
         config.default_agent = "sed".into();
         config.max_sessions = 5000;
         config.max_children = 5000;
+        let (mut dir, mut pg_db) = (None, None);
+        config.store = match store {
+            "memory" => StoreSpec::Memory,
+            "sqlite" => {
+                let d = tempfile::Builder::new()
+                    .prefix("loadgen-store.")
+                    .tempdir()
+                    .expect("temp dir");
+                let path = d.path().join("agentgate.db");
+                dir = Some(d);
+                StoreSpec::Sqlite(path)
+            }
+            "postgres" => {
+                let server = postgres_url.expect("--postgres-url");
+                let name = format!("loadgen_{}", uuid::Uuid::new_v4().simple());
+                rt.block_on(pg_admin(server, &format!("CREATE DATABASE {name}")));
+                pg_db = Some((server.to_string(), name.clone()));
+                StoreSpec::Postgres(database_url(server, &name))
+            }
+            other => panic!("unknown store {other:?}"),
+        };
+        let shown = config.store.to_string();
+        let opened = rt
+            .block_on(Store::open(&config.store))
+            .unwrap_or_else(|e| panic!("{e}"));
         let listener = rt
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .expect("bind");
         let addr = listener.local_addr().unwrap();
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = rt.spawn(agentgate::serve(config, listener, async move {
-            let _ = rx.await;
-        }));
+        let task = rt.spawn(async move {
+            agentgate::serve_with_store(config, opened, listener, async move {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        });
         Gateway {
             base: format!("http://{addr}"),
+            store: shown,
             rt,
             stop,
             task,
+            _dir: dir,
+            pg_db,
         }
     }
 
@@ -232,7 +483,45 @@ impl Gateway {
         let _ = self
             .rt
             .block_on(async { tokio::time::timeout(Duration::from_secs(60), self.task).await });
+        // Session tasks still holding the store's pool end with the runtime.
+        self.rt.shutdown_timeout(Duration::from_secs(5));
+        if let Some((server, name)) = self.pg_db {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(pg_admin(
+                    &server,
+                    &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                ));
+        }
     }
+}
+
+/// Runs one statement (CREATE/DROP DATABASE) on the PostgreSQL server `url`.
+async fn pg_admin(url: &str, statement: &str) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("--postgres-url: {e}"));
+    sqlx::query(statement)
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{statement}: {e}"));
+    let _ = conn.close().await;
+}
+
+/// `url` with its database name replaced by `name`.
+fn database_url(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    format!("{}/{name}{query}", &base[..host_end])
 }
 
 fn http_client() -> reqwest::Client {
@@ -1517,5 +1806,71 @@ async fn fanout(client: &reqwest::Client, base: &str, a: &Args) -> Value {
         "spread": spread.json(), "delivered": delivered,
         "gw_cpu_us_per_event": cpu.gw as f64 / 1e3 / delivered.max(1) as f64,
         "lg_cpu_us_per_event": cpu.lg as f64 / 1e3 / delivered.max(1) as f64,
+    })
+}
+
+/// One long conversation: gateway RSS growth per message.
+async fn history(base: &str, a: &Args) -> Value {
+    let n = a.history_messages.max(2);
+    let bytes = a.history_bytes.max(16);
+    println!("== history: 1 session, {n} sequential messages of {bytes} bytes (?wait=true); gateway RSS per message");
+    let client = http_client();
+    let id = create_session(&client, base).await.expect("create");
+    let mut raw = Raw::connect(base).await;
+    let path = format!("/sessions/{id}/messages?wait=true");
+    let content = |i: usize| {
+        let mut c = format!("history message {i} ");
+        while c.len() < bytes {
+            c.push('x');
+        }
+        c.truncate(bytes);
+        c
+    };
+    // Warm-up: the connection, buffers, the session's first allocations.
+    for i in 0..100 {
+        raw.post(&path, &content(i), false).await.expect("warm-up");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss0 = rss_kib("self");
+    let mut marks = vec![(0usize, rss0)];
+    let mut errors = 0;
+    let t = Instant::now();
+    for i in 1..=n {
+        if raw.post(&path, &content(i), false).await.is_err() {
+            errors += 1;
+        }
+        if i % (n / 10).max(1) == 0 {
+            marks.push((i, rss_kib("self")));
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss1 = rss_kib("self");
+    let half = marks
+        .iter()
+        .min_by_key(|(i, _)| i.abs_diff(n / 2))
+        .copied()
+        .unwrap_or((0, rss0));
+    let per_msg = (rss1 as f64 - rss0 as f64) * 1024.0 / n as f64;
+    let per_msg_half = (rss1 as f64 - half.1 as f64) * 1024.0 / (n - half.0).max(1) as f64;
+    println!(
+        "  gateway RSS {rss0} KiB -> {rss1} KiB: {per_msg:.0} bytes per message (target <= 200); {per_msg_half:.0} bytes per message from message {} on",
+        half.0
+    );
+    println!(
+        "  RSS (KiB) after messages: {}",
+        marks
+            .iter()
+            .map(|(i, r)| format!("{i}: {r}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("  {:.0} msg/s, errors {errors}\n", n as f64 / secs);
+    drop(raw);
+    delete_session(&client, base, &id).await.expect("delete");
+    json!({
+        "messages": n, "bytes_each": bytes, "rss_before_kib": rss0, "rss_after_kib": rss1,
+        "bytes_per_message": per_msg, "bytes_per_message_second_half": per_msg_half,
+        "rss_marks_kib": marks, "per_s": n as f64 / secs, "errors": errors,
     })
 }
