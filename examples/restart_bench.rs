@@ -230,6 +230,7 @@ async fn seed(args: &Args, db: &std::path::Path) -> Value {
                 closed: None,
                 options: json!({}),
                 forked_from: None,
+                owner: None,
             })
             .await
             .expect("save_session");
