@@ -11,7 +11,6 @@ mod common;
 #[path = "support/mock_anthropic.rs"]
 mod mock_anthropic;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -20,54 +19,21 @@ use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);
 
-struct Node {
-    child: KillOnDrop,
-    base: String,
-}
-
 /// The binary with its built-in `claude` profile pointed at the pinned CLI
 /// and `mock`; `home` is the gateway's and the CLI's `HOME` and working
 /// directory (the transcripts `--resume` reads live there).
 fn start(home: &std::path::Path, mock: &MockAnthropic, store: &str) -> Node {
-    let mut child = KillOnDrop(
-        sealed_command(home)
-            .env("AGENTGATE_CLAUDE_BIN", claude_bin())
-            .envs(mock.child_env(home))
-            .current_dir(home)
-            .args(["--listen", "127.0.0.1:0", "--store", store])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let line = first_line(child.stdout.take().unwrap(), T);
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
-    Node {
-        child,
-        base: format!("http://{addr}"),
-    }
+    let mut cmd = sealed_command(home);
+    cmd.env("AGENTGATE_CLAUDE_BIN", claude_bin())
+        .envs(mock.child_env(home))
+        .current_dir(home)
+        .args(["--listen", "127.0.0.1:0", "--store", store]);
+    Node::spawn(cmd)
 }
 
-async fn get(http: &reqwest::Client, url: String) -> Value {
-    let res = http.get(&url).send().await.unwrap();
-    assert!(res.status().is_success(), "GET {url}: {}", res.status());
-    res.json().await.unwrap()
-}
-
+/// [`ask_at`], and the reply completed.
 async fn ask(http: &reqwest::Client, base: &str, id: &str, content: &str) -> Value {
-    let res = http
-        .post(format!("{base}/sessions/{id}/messages?wait=true"))
-        .json(&json!({ "content": content }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let m: Value = res.json().await.unwrap();
+    let m = ask_at(http, base, id, content).await;
     assert_eq!(m["status"], "completed", "{m}");
     m
 }
@@ -86,7 +52,7 @@ async fn killed_mid_reply_then_restarted(store: &str) {
     .await;
     let id = s["id"].as_str().unwrap().to_string();
     let first = ask(&http, &base, &id, "my name is Ada").await;
-    let pid = get(&http, format!("{base}/sessions/{id}")).await["pid"]
+    let pid = get_ok(&http, format!("{base}/sessions/{id}")).await["pid"]
         .as_u64()
         .expect("a live claude child") as u32;
 
@@ -125,7 +91,7 @@ async fn killed_mid_reply_then_restarted(store: &str) {
 
     let node = start(home.path(), &mock, store);
     let base = node.base.clone();
-    let list = get(&http, format!("{base}/sessions")).await;
+    let list = get_ok(&http, format!("{base}/sessions")).await;
     assert!(
         list["sessions"]
             .as_array()
@@ -134,9 +100,9 @@ async fn killed_mid_reply_then_restarted(store: &str) {
             .any(|x| x["id"] == id.as_str()),
         "{list}"
     );
-    let view = get(&http, format!("{base}/sessions/{id}")).await;
+    let view = get_ok(&http, format!("{base}/sessions/{id}")).await;
     assert_eq!(view["state"], "suspended");
-    let history = get(&http, format!("{base}/sessions/{id}/messages")).await;
+    let history = get_ok(&http, format!("{base}/sessions/{id}/messages")).await;
     let messages = history["messages"].as_array().unwrap();
     assert_eq!(messages.len(), 2, "{history}");
     assert_eq!(messages[0]["status"], "completed");
@@ -192,7 +158,5 @@ async fn claude_killed_mid_reply_comes_back_on_sqlite() {
 
 #[tokio::test]
 async fn claude_killed_mid_reply_comes_back_on_postgres() {
-    let url = std::env::var("AGENTGATE_TEST_POSTGRES")
-        .expect("AGENTGATE_TEST_POSTGRES: run through scripts/test.sh, which starts PostgreSQL");
-    killed_mid_reply_then_restarted(&url).await;
+    killed_mid_reply_then_restarted(&fresh_postgres_db().await).await;
 }

@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -41,11 +40,6 @@ end_marker = "^__END__$"
 stop_grace = "300ms"
 "#;
 
-struct Node {
-    child: KillOnDrop,
-    base: String,
-}
-
 fn start(home: &std::path::Path, store: &str) -> Node {
     start_with(home, store, &[])
 }
@@ -69,43 +63,12 @@ fn start_with(home: &std::path::Path, store: &str, wrapper: &[&str]) -> Node {
         }
         None => sealed,
     };
-    let mut child = KillOnDrop(
-        cmd.args(["--listen", "127.0.0.1:0", "--store", store, "--config"])
-            .arg(&config)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let line = first_line(child.stdout.take().unwrap(), T);
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
-    Node {
-        child,
-        base: format!("http://{addr}"),
-    }
+    cmd.args(["--listen", "127.0.0.1:0", "--store", store, "--config"])
+        .arg(&config);
+    Node::spawn(cmd)
 }
 
-async fn get(http: &reqwest::Client, url: String) -> Value {
-    let res = http.get(&url).send().await.unwrap();
-    assert!(res.status().is_success(), "GET {url}: {}", res.status());
-    res.json().await.unwrap()
-}
-
-async fn ask(http: &reqwest::Client, base: &str, id: &str, content: &str) -> Value {
-    let res = http
-        .post(format!("{base}/sessions/{id}/messages?wait=true"))
-        .json(&json!({"content": content}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    res.json().await.unwrap()
-}
+use common::{ask_at as ask, get_ok as get};
 
 async fn restart_loses_nothing(store: &str) {
     let home = tempfile::tempdir().unwrap();
@@ -236,9 +199,7 @@ async fn a_killed_gateway_comes_back_on_its_sqlite_store() {
 
 #[tokio::test]
 async fn a_killed_gateway_comes_back_on_postgres() {
-    let url = std::env::var("AGENTGATE_TEST_POSTGRES")
-        .expect("AGENTGATE_TEST_POSTGRES: run through scripts/test.sh, which starts PostgreSQL");
-    restart_loses_nothing(&url).await;
+    restart_loses_nothing(&fresh_postgres_db().await).await;
 }
 
 #[test]
@@ -318,8 +279,7 @@ async fn the_next_gateway_ends_what_a_killed_one_left_running() {
 async fn a_gateway_that_still_runs_keeps_its_children() {
     // Two gateways on one PostgreSQL on one machine: the second one to start
     // must not take the first one's children for leftovers.
-    let url = std::env::var("AGENTGATE_TEST_POSTGRES")
-        .expect("AGENTGATE_TEST_POSTGRES: run through scripts/test.sh, which starts PostgreSQL");
+    let url = fresh_postgres_db().await;
     let home = tempfile::tempdir().unwrap();
     let http = reqwest::Client::builder().timeout(T).build().unwrap();
     let first = start(home.path(), &url);

@@ -1194,7 +1194,7 @@ impl Actor {
     }
 
     /// Writes the session's record to the store in the background (a new
-    /// `agent_session_id`, a close by the gateway).
+    /// `agent_session_id`).
     fn persist_session(&self, closed: Option<&str>) {
         let store = self.registry.store.clone();
         if !store.is_durable() {
@@ -1271,8 +1271,18 @@ impl Actor {
             tracing::info!(session_id = %self.shared.id, "session suspended for shutdown; kept in the store");
             return;
         }
-        if matches!(reason, CloseReason::Expired | CloseReason::Failed) {
-            self.persist_session(Some(label));
+        if matches!(reason, CloseReason::Expired | CloseReason::Failed)
+            && self.registry.store.is_durable()
+        {
+            // A final state is stored before it is published.
+            if let Err(e) = self
+                .registry
+                .store
+                .save_session(&self.shared.record(Some(label)))
+                .await
+            {
+                tracing::error!(session_id = %self.shared.id, error = %e, "cannot store the closed session");
+            }
         }
         self.set_state(SessionState::Closed, Some(label));
         self.registry.metrics.session_closed(label);

@@ -244,7 +244,9 @@ impl EventLog {
                 });
                 cursor = first - 1;
             }
-            let skip = (cursor + 1 - first) as usize;
+            // Ids are not contiguous after a restart (the previous gateway's
+            // reserved ids were never handed out): find the place by id.
+            let skip = ring.events.partition_point(|e| e.seq <= cursor);
             for event in ring.events.iter().skip(skip).take(256) {
                 into.push_back(Item::Event(event.clone()));
                 cursor = event.seq;
@@ -394,6 +396,40 @@ mod tests {
             panic!()
         };
         assert_eq!(e.seq, 8);
+    }
+
+    #[tokio::test]
+    async fn a_reader_past_a_restart_jump_gets_what_follows() {
+        // Bounded: the defect this guards against was a reader waiting for ever.
+        async fn next(sub: &mut Subscription) -> Option<Item> {
+            tokio::time::timeout(std::time::Duration::from_secs(10), sub.next())
+                .await
+                .expect("the reader got nothing")
+        }
+        // Restored: ids 1 and 2, then the next gateway goes on at 10001.
+        let stored = (1..=2)
+            .map(|seq| (seq, "e".to_string(), None, "{}".to_string()))
+            .collect();
+        let log = EventLog::restore(100, 1 << 20, stored, 10_001);
+        log.publish("e", None, &json!({}));
+        log.publish("e", None, &json!({}));
+        // A reader that has seen 10001 (past the jump) gets 10002, then live ones.
+        let mut sub = log.subscribe(10_001);
+        let Some(Item::Event(e)) = next(&mut sub).await else {
+            panic!()
+        };
+        assert_eq!(e.seq, 10_002);
+        log.publish("e", None, &json!({}));
+        let Some(Item::Event(e)) = next(&mut sub).await else {
+            panic!()
+        };
+        assert_eq!(e.seq, 10_003);
+        // One that has seen 2 goes on at the jump.
+        let mut sub = log.subscribe(2);
+        let Some(Item::Event(e)) = next(&mut sub).await else {
+            panic!()
+        };
+        assert_eq!(e.seq, 10_001);
     }
 
     #[tokio::test]

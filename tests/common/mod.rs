@@ -48,6 +48,75 @@ pub fn sealed_command(home: &Path) -> std::process::Command {
     cmd
 }
 
+/// The real binary, started from a command that names its flags; killed
+/// and reaped when dropped.
+pub struct Node {
+    pub child: KillOnDrop,
+    /// `http://ADDR`, from the first line the binary prints.
+    pub base: String,
+}
+
+impl Node {
+    /// Spawns `cmd` (stdout piped, stderr dropped) and waits for the line
+    /// that names its address.
+    pub fn spawn(mut cmd: std::process::Command) -> Node {
+        let mut child = KillOnDrop(
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let line = first_line(child.stdout.take().unwrap(), Duration::from_secs(60));
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_string();
+        Node {
+            child,
+            base: format!("http://{addr}"),
+        }
+    }
+}
+
+/// `GET url`, which must succeed, as JSON.
+pub async fn get_ok(http: &reqwest::Client, url: String) -> Value {
+    let res = http.get(&url).send().await.unwrap();
+    assert!(res.status().is_success(), "GET {url}: {}", res.status());
+    res.json().await.unwrap()
+}
+
+/// Sends `content` to session `id` at `base` with `?wait=true`: the
+/// finished message (200 required).
+pub async fn ask_at(http: &reqwest::Client, base: &str, id: &str, content: &str) -> Value {
+    let res = http
+        .post(format!("{base}/sessions/{id}/messages?wait=true"))
+        .json(&json!({ "content": content }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    res.json().await.unwrap()
+}
+
+/// A database of its own in the throwaway PostgreSQL server the test
+/// command starts (`AGENTGATE_TEST_POSTGRES`): tests running at once never
+/// restore each other's sessions. Its URL.
+pub async fn fresh_postgres_db() -> String {
+    use sqlx::Connection;
+    let url = std::env::var("AGENTGATE_TEST_POSTGRES")
+        .expect("AGENTGATE_TEST_POSTGRES: run through scripts/test.sh, which starts PostgreSQL");
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let (server, _) = url.rsplit_once('/').unwrap();
+    format!("{server}/{name}")
+}
+
 /// A child process that is killed and reaped when dropped, so a test that
 /// panics leaves no gateway behind.
 pub struct KillOnDrop(pub std::process::Child);
@@ -334,7 +403,9 @@ pub async fn read_sse(
         }
         match tokio::time::timeout_at(deadline, stream.next()).await {
             Ok(Some(chunk)) => {
-                buf.push_str(std::str::from_utf8(&chunk.unwrap()).expect("SSE is UTF-8"))
+                let chunk =
+                    chunk.unwrap_or_else(|e| panic!("SSE: the body failed ({e}); got {items:#?}"));
+                buf.push_str(std::str::from_utf8(&chunk).expect("SSE is UTF-8"))
             }
             Ok(None) => panic!("SSE: the stream ended before a match; got {items:#?}"),
             Err(_) => panic!("SSE: nothing matched within {limit:?}; got {items:#?}"),
