@@ -397,17 +397,11 @@ async fn a_full_disk_answers_503_and_loses_nothing_acknowledged() {
 #[tokio::test]
 async fn a_database_that_goes_away_answers_503_not_a_hang() {
     use sqlx::Connection;
-    let url = std::env::var("AGENTGATE_TEST_POSTGRES")
-        .expect("AGENTGATE_TEST_POSTGRES: run through scripts/test.sh, which starts PostgreSQL");
     // A database of its own in the throwaway server, dropped under the gateway.
-    let name = format!("gone_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let (server, _) = url.rsplit_once('/').unwrap();
-    let own = format!("{server}/{name}");
+    let own = fresh_postgres_db().await;
+    let name = own.rsplit('/').next().unwrap().to_string();
+    let server = std::env::var("AGENTGATE_TEST_POSTGRES").unwrap();
+    let mut admin = sqlx::PgConnection::connect(&server).await.unwrap();
     let home = tempfile::tempdir().unwrap();
     let http = reqwest::Client::builder().timeout(T).build().unwrap();
     let node = start(home.path(), &own);
