@@ -457,39 +457,14 @@ impl Registry {
                 events,
                 next_seq,
             );
-            let index = messages
-                .iter()
-                .enumerate()
-                .map(|(i, m)| (m.id, i))
-                .collect();
-            let options = serde_json::from_value(record.options.clone()).unwrap_or_default();
-            let shared = Arc::new(SessionShared {
-                id,
-                profile: profile.clone(),
-                created_at: record.created_at,
-                forked_from: record.forked_from,
-                owner: record.owner.clone(),
-                cwd: record.cwd.as_ref().map(PathBuf::from),
-                log: log.clone(),
-                idle_timeout: self.config.idle_timeout,
-                status: Mutex::new(Status {
-                    state: SessionState::Suspended,
-                    pid: None,
-                    last_activity: Instant::now(),
-                    last_activity_at: record.last_activity_at,
-                    messages,
-                    index,
-                    queued: 0,
-                    agent_session_id: record.agent_session_id.clone(),
-                    title: record.title.clone(),
-                    metadata: record.metadata.clone(),
-                    options,
-                    fork_from: None,
-                    last_total_cost: None,
-                }),
-                finished: watch::channel(0).0,
-                released: AtomicBool::new(false),
-            });
+            let shared = self.restored_shared(
+                &record,
+                profile.clone(),
+                messages,
+                log.clone(),
+                SessionState::Suspended,
+                Duration::ZERO,
+            );
             super::persist::spawn_writer(self.store.clone(), id, &log, new_ceiling);
             for m in &lost {
                 log.publish(
@@ -547,13 +522,39 @@ impl Registry {
             next_seq,
         );
         log.close();
+        let shared = self.restored_shared(
+            &record,
+            profile,
+            messages,
+            log,
+            SessionState::Closed,
+            closed_for,
+        );
+        // No task: a closed session takes no commands (the handlers answer 410).
+        let (tx, _) = mpsc::channel(1);
+        self.sessions.insert(id, SessionHandle { shared, tx });
+        Ok(())
+    }
+
+    /// The shared part of a session read back from the store, in `state`,
+    /// last active `idle_for` ago. A closed one holds no place under
+    /// `max_sessions` (it is born released).
+    fn restored_shared(
+        &self,
+        record: &crate::store::SessionRecord,
+        profile: Arc<AgentProfile>,
+        messages: Vec<Message>,
+        log: Arc<EventLog>,
+        state: SessionState,
+        idle_for: Duration,
+    ) -> Arc<SessionShared> {
         let index = messages
             .iter()
             .enumerate()
             .map(|(i, m)| (m.id, i))
             .collect();
-        let shared = Arc::new(SessionShared {
-            id,
+        Arc::new(SessionShared {
+            id: record.id,
             profile,
             created_at: record.created_at,
             forked_from: record.forked_from,
@@ -562,11 +563,12 @@ impl Registry {
             log,
             idle_timeout: self.config.idle_timeout,
             status: Mutex::new(Status {
-                state: SessionState::Closed,
+                state,
                 pid: None,
-                // The reaper counts the rest of its session_ttl from here.
+                // The reaper counts idle time (for a closed session, the
+                // rest of its session_ttl) from here.
                 last_activity: Instant::now()
-                    .checked_sub(closed_for)
+                    .checked_sub(idle_for)
                     .unwrap_or_else(Instant::now),
                 last_activity_at: record.last_activity_at,
                 messages,
@@ -580,13 +582,8 @@ impl Registry {
                 last_total_cost: None,
             }),
             finished: watch::channel(0).0,
-            // It holds no place under max_sessions.
-            released: AtomicBool::new(true),
-        });
-        // No task: a closed session takes no commands (the handlers answer 410).
-        let (tx, _) = mpsc::channel(1);
-        self.sessions.insert(id, SessionHandle { shared, tx });
-        Ok(())
+            released: AtomicBool::new(state == SessionState::Closed),
+        })
     }
 
     /// Closes session `id` for `reason` (expiry): it stays readable as a
