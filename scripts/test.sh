@@ -81,7 +81,7 @@ AGENTGATE_TEST_POSTGRES="$(tail -n 1 <<<"$pg_out")"
 export AGENTGATE_TEST_POSTGRES
 
 step "cargo test"
-cargo test --locked --all-targets
+cargo test --locked --all-targets --no-fail-fast
 
 step "the API as a contract: schemathesis, SDKs, examples, console in Chromium (scripts/contract/run.sh)"
 bash scripts/contract/run.sh

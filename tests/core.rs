@@ -434,7 +434,16 @@ async fn a_running_message_shows_its_reply_so_far() {
     let m = gw.send(&id, "go").await;
     let mid = m["id"].as_str().unwrap().to_string();
     let res = gw.events(&id, "").await;
-    read_sse(res, T, |i| i.event.as_deref() == Some("message.delta")).await;
+    // The child may write the line and its newline apart (python's print
+    // writes `end` on its own), so wait for the delta that ends the line.
+    let mut so_far = String::new();
+    read_sse(res, T, |i| {
+        if i.event.as_deref() == Some("message.delta") {
+            so_far.push_str(i.data["text"].as_str().unwrap_or_default());
+        }
+        so_far.ends_with('\n')
+    })
+    .await;
     let running = gw.message(&id, &mid).await;
     assert_eq!(running["status"], "running");
     assert_eq!(running["output"], "first half\n", "{running}");
