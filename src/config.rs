@@ -87,6 +87,16 @@ pub struct Cli {
     /// `~/.local/state/agentgate`.
     #[arg(long, env = "AGENTGATE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// This gateway's name among the nodes sharing a `postgres://` store
+    /// (cluster mode). Default: hostname:port. Keep it stable across
+    /// restarts: a node that comes back under its name takes back at once
+    /// what it held.
+    #[arg(long, env = "AGENTGATE_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Cluster mode: how long a session's lease lasts without renewal. A
+    /// node that dies loses its sessions to the others after this long.
+    #[arg(long, env = "AGENTGATE_LEASE_TTL", default_value = "15s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
     /// Most open client connections; beyond it a connection gets 503 (and
     /// `GET /healthz`) and is closed. Default: half the open-file limit, at most 4096.
     #[arg(long, env = "AGENTGATE_MAX_CONNECTIONS")]
@@ -479,6 +489,10 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Where sessions are kept.
     pub store: crate::store::StoreSpec,
+    /// See [`Cli::node_id`].
+    pub node_id: Option<String>,
+    /// See [`Cli::lease_ttl`].
+    pub lease_ttl: Duration,
 }
 
 /// The JWT verifier the `--jwt-*` flags describe, or `None` without a key.
@@ -620,6 +634,8 @@ impl Config {
                 // SQLite under `--data-dir` or the state directory.
                 None => default_store(cli.data_dir.as_deref()),
             },
+            node_id: cli.node_id.clone().filter(|n| !n.is_empty()),
+            lease_ttl: cli.lease_ttl.max(Duration::from_secs(1)),
         })
     }
 

@@ -4,6 +4,7 @@
 //! message costs a pipe write instead of a process start.
 //!
 //! # Layout
+//! - [`cluster`] — several gateways on one PostgreSQL: leases with fencing, the inbox and commands for a session's holder, events read from the store, failover.
 //! - [`auth`] — who is asking: the operator or an owner (a JWT's `sub`); JWT verification with keys bound to one algorithm each.
 //! - [`config`] — flags (clap, `AGENTGATE_*` env), TOML agent profiles, the built-in `demo` and `claude` profiles.
 //! - [`content`] — message content: a string or text and image blocks, checked once when posted.
@@ -21,6 +22,7 @@
 //! - [`metrics`] — Prometheus series for `GET /metrics`: counted where things happen, levels read at scrape time.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod content;
 pub mod demo;
@@ -72,6 +74,18 @@ pub async fn serve_with_store(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), store::StoreError> {
     let described = store.describe();
+    if store.postgres_url().is_some() {
+        // A PostgreSQL store may be shared: this gateway is a node of a cluster.
+        let node = config.node_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "localhost".into());
+            let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+            format!("{host}:{port}")
+        });
+        tracing::info!(node = %node, lease_ttl = ?config.lease_ttl, "cluster mode");
+        store.enable_fence(&node);
+    }
     end_leftover_children(&store).await?;
     let registry = Registry::with_store(Arc::new(config), Arc::new(store));
     let restored = registry
@@ -85,6 +99,7 @@ pub async fn serve_with_store(
     let token = CancellationToken::new();
     let reaper = tokio::spawn(session::reaper::run(registry.clone(), token.clone()));
     let prewarm = tokio::spawn(session::prewarm::run(registry.clone(), token.clone()));
+    let cluster = tokio::spawn(cluster::run(registry.clone(), token.clone()));
     let state = AppState::new(registry.clone(), token.clone());
     let routes = http::routes(state);
     let stop_registry = registry.clone();
@@ -104,6 +119,7 @@ pub async fn serve_with_store(
     token.cancel();
     let _ = reaper.await;
     let _ = prewarm.await;
+    let _ = cluster.await;
     // A request that raced the shutdown may have created a session; close it too.
     registry.shutdown().await;
     tracing::info!("stopped");

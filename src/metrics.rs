@@ -160,6 +160,7 @@ pub struct Metrics {
     spawns: Family<SpawnLabels, Counter>,
     reaps: Family<ReasonLabel, Counter>,
     restarts: Counter,
+    leases_lost: Counter,
     crashes: Counter,
     unattributed: Counter,
     tokens: Family<TokenLabels, Counter>,
@@ -191,6 +192,7 @@ impl Metrics {
             spawns: Family::default(),
             reaps: Family::default(),
             restarts: Counter::default(),
+            leases_lost: Counter::default(),
             crashes: Counter::default(),
             unattributed: Counter::default(),
             tokens: Family::default(),
@@ -264,6 +266,11 @@ impl Metrics {
             "restarts",
             "Session children started for a session that had one before (after a reap, a crash or a kill)",
             m.restarts.clone(),
+        );
+        registry.register(
+            "leases_lost",
+            "Cluster mode: sessions another node took from this one (their children ended here)",
+            m.leases_lost.clone(),
         );
         registry.register(
             "child_crashes",
@@ -390,6 +397,11 @@ impl Metrics {
     /// An idle session child was stopped (`idle`, `max_children`).
     pub fn reaped(&self, reason: &'static str) {
         self.reaps.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Another node took a session's lease from this one.
+    pub fn lease_lost(&self) {
+        self.leases_lost.inc();
     }
 
     /// A session started a child again.

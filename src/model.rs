@@ -209,6 +209,9 @@ pub struct Session {
     /// The JWT `sub` that created it (a fork keeps its parent's); null for
     /// sessions made with the operator token or on a gateway without credentials.
     pub owner: Option<String>,
+    /// Cluster mode: the node holding the session's lease (running its
+    /// child); null when no node holds it, and always without a cluster.
+    pub node: Option<String>,
 }
 
 /// Reads a millisecond count written as an integer or as a float with no

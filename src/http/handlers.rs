@@ -23,7 +23,8 @@ use crate::model::{
     Agent, AgentList, CreateSession, FailureCode, ForkSession, Health, MessageList, MessageStatus,
     OneshotRequest, OneshotResponse, PermissionDecision, SendMessage, SessionList, UpdateSession,
 };
-use crate::session::EventLog;
+use crate::cluster::{Command, StoreFeed};
+use crate::session::{EventLog, Located, Remote};
 
 /// The OpenAPI document the server implements.
 pub const OPENAPI: &str = include_str!("../../openapi.yaml");
@@ -235,9 +236,13 @@ pub async fn update_session(
 ) -> Response {
     answer(
         async {
-            let handle = state.registry.get(&id, &caller?)?;
+            let located = state.registry.locate(&id, &caller?, true).await?;
             let update: UpdateSession = parse_json(body, false)?.expect("required body");
-            let profile = &handle.shared.profile;
+            let profile = match &located {
+                Located::Here(h) => h.shared.profile.clone(),
+                Located::Elsewhere(r) => r.profile.clone(),
+            };
+            let profile = &profile;
             let allow = &profile.client_options;
             if let Some(m) = &update.model {
                 crate::options::check_choice("model", m, &allow.model, profile)?;
@@ -250,6 +255,13 @@ pub async fn update_session(
                     profile,
                 )?;
             }
+            let handle = match located {
+                Located::Here(h) => h,
+                Located::Elsewhere(r) => {
+                    let view = remote(&state, &r, Command::Update { update }).await?;
+                    return Ok(json_response(StatusCode::OK, &view));
+                }
+            };
             handle.update(update).await?;
             Ok(json_response(StatusCode::OK, &handle.shared.view()))
         }
@@ -268,7 +280,10 @@ pub async fn fork_session(
         async {
             let caller = caller?;
             let req: ForkSession = parse_json(body, true)?.unwrap_or_default();
-            let handle = state.registry.fork(&id, req, &caller).await?;
+            let handle = match state.registry.locate(&id, &caller, false).await? {
+                Located::Here(_) => state.registry.fork(&id, req, &caller).await?,
+                Located::Elsewhere(r) => state.registry.fork_remote(&r, req, &caller).await?,
+            };
             let view = handle.shared.view();
             audit("session.fork", &caller, &view.id.to_string(), &id);
             Ok(with_location(
@@ -281,32 +296,48 @@ pub async fn fork_session(
 }
 
 /// `GET /sessions` (`?owner=`: only that owner's).
-pub fn list_sessions(
+pub async fn list_sessions(
     state: AppState,
     caller: Result<Caller, ApiError>,
     raw_query: String,
 ) -> Response {
-    answer((|| {
-        let caller = caller?;
-        let q = query(&raw_query)?;
-        let sessions = state
-            .registry
-            .list_for(&caller, q.get("owner").map(String::as_str))
-            .iter()
-            .map(|h| h.shared.view())
-            .collect();
-        Ok(json_response(StatusCode::OK, &SessionList { sessions }))
-    })())
+    answer(
+        async {
+            let caller = caller?;
+            let q = query(&raw_query)?;
+            let owner = q.get("owner").map(String::as_str);
+            let sessions = if state.registry.cluster.is_some() {
+                state.registry.list_cluster(&caller, owner).await?
+            } else {
+                state
+                    .registry
+                    .list_for(&caller, owner)
+                    .iter()
+                    .map(|h| h.shared.view())
+                    .collect()
+            };
+            Ok(json_response(StatusCode::OK, &SessionList { sessions }))
+        }
+        .await,
+    )
 }
 
 /// `GET /sessions/{id}`
-pub fn get_session(id: String, state: AppState, caller: Result<Caller, ApiError>) -> Response {
-    answer(caller.and_then(|caller| {
-        state
-            .registry
-            .get(&id, &caller)
-            .map(|h| json_response(StatusCode::OK, &h.shared.view()))
-    }))
+pub async fn get_session(
+    id: String,
+    state: AppState,
+    caller: Result<Caller, ApiError>,
+) -> Response {
+    answer(
+        async {
+            let view = match state.registry.locate(&id, &caller?, false).await? {
+                Located::Here(h) => h.shared.view(),
+                Located::Elsewhere(r) => state.registry.remote_view(&r).await?,
+            };
+            Ok(json_response(StatusCode::OK, &view))
+        }
+        .await,
+    )
 }
 
 /// `DELETE /sessions/{id}`
@@ -318,7 +349,15 @@ pub async fn delete_session(
     answer(
         async {
             let caller = caller?;
-            state.registry.delete(&id, &caller).await?;
+            match state.registry.locate(&id, &caller, true).await? {
+                Located::Here(_) => state.registry.delete(&id, &caller).await?,
+                Located::Elsewhere(r) if r.holder().is_none() => {
+                    state.registry.delete_unheld(&r).await?
+                }
+                Located::Elsewhere(r) => {
+                    remote(&state, &r, Command::Delete).await?;
+                }
+            }
             audit("session.delete", &caller, &id, "");
             Ok(StatusCode::NO_CONTENT.into_response())
         }
@@ -351,14 +390,18 @@ pub async fn send_message(
 ) -> Response {
     answer(
         async {
-            let handle = state.registry.get(&id, &caller?)?;
+            let located = state.registry.locate(&id, &caller?, true).await?;
             let q = query(&raw_query)?;
             let wait = query_bool(&q, "wait")?;
             let req: SendMessage = parse_json(body, false)?.expect("required body");
             let timeout = timeout_of(req.timeout_ms)?;
             let content =
                 crate::content::parse(req.content, state.registry.config.max_image_bytes)?;
-            let profile = &handle.shared.profile;
+            let profile = match &located {
+                Located::Here(h) => h.shared.profile.clone(),
+                Located::Elsewhere(r) => r.profile.clone(),
+            };
+            let profile = &profile;
             if content.has_images() && !(profile.protocol.carries_images() && profile.persistent) {
                 return Err(ApiError::BadRequest(format!(
                     "profile {:?} cannot take images (protocol {}{})",
@@ -371,6 +414,12 @@ pub async fn send_message(
                     }
                 )));
             }
+            let handle = match located {
+                Located::Here(h) => h,
+                Located::Elsewhere(r) => {
+                    return send_elsewhere(&state, &r, content, wait, wants_sse(&accept)).await
+                }
+            };
             if wants_sse(&accept) {
                 // Subscribe first: the message's first events follow this point.
                 let sub = handle.shared.log.subscribe(handle.shared.log.last_seq());
@@ -423,14 +472,15 @@ pub async fn send_message(
 }
 
 /// `GET /sessions/{id}/messages`
-pub fn list_messages(
+pub async fn list_messages(
     id: String,
     state: AppState,
     caller: Result<Caller, ApiError>,
     raw_query: String,
 ) -> Response {
-    answer((|| {
-        let handle = state.registry.get(&id, &caller?)?;
+    answer(
+        async {
+        let located = state.registry.locate(&id, &caller?, false).await?;
         let q = query(&raw_query)?;
         let limit = query_u64(&q, "limit")?.unwrap_or(1000).clamp(1, 10_000) as usize;
         let after = match q.get("after") {
@@ -439,33 +489,59 @@ pub fn list_messages(
             })?),
             None => None,
         };
-        let messages = handle.shared.messages(after, limit)?;
+        let messages = match located {
+            Located::Here(h) => h.shared.messages(after, limit)?,
+            Located::Elsewhere(r) => {
+                let all = state.registry.remote_messages(&r).await?;
+                let start = match after {
+                    Some(a) => all.iter().position(|m| m.id == a).map(|i| i + 1).ok_or_else(
+                        || ApiError::NotFound(format!("no message {a} in this session")),
+                    )?,
+                    None => 0,
+                };
+                all.into_iter().skip(start).take(limit).collect()
+            }
+        };
         Ok(json_response(StatusCode::OK, &MessageList { messages }))
-    })())
+        }
+        .await,
+    )
 }
 
 /// `GET /sessions/{id}/messages/{mid}`
-pub fn get_message(
+pub async fn get_message(
     id: String,
     mid: String,
     state: AppState,
     caller: Result<Caller, ApiError>,
 ) -> Response {
-    answer((|| {
-        let handle = state.registry.get(&id, &caller?)?;
-        let message = Uuid::parse_str(&mid)
-            .ok()
-            .and_then(|m| handle.shared.message(m))
-            .ok_or_else(|| ApiError::NotFound(format!("no message {mid} in session {id}")))?;
-        Ok(json_response(StatusCode::OK, &message))
-    })())
+    answer(
+        async {
+            let located = state.registry.locate(&id, &caller?, false).await?;
+            let missing = || ApiError::NotFound(format!("no message {mid} in session {id}"));
+            let mid = Uuid::parse_str(&mid).map_err(|_| missing())?;
+            let message = match located {
+                Located::Here(h) => h.shared.message(mid),
+                Located::Elsewhere(r) => state.registry.remote_message(&r, mid).await?,
+            }
+            .ok_or_else(missing)?;
+            Ok(json_response(StatusCode::OK, &message))
+        }
+        .await,
+    )
 }
 
 /// `POST /sessions/{id}/interrupt`
 pub async fn interrupt(id: String, state: AppState, caller: Result<Caller, ApiError>) -> Response {
     answer(
         async {
-            let handle = state.registry.get(&id, &caller?)?;
+            let handle = match state.registry.locate(&id, &caller?, true).await? {
+                Located::Here(h) => h,
+                Located::Elsewhere(r) => {
+                    let message = remote(&state, &r, Command::Interrupt).await?;
+                    return Ok(json_response(StatusCode::ACCEPTED, &message));
+                }
+            };
             let mid = handle.interrupt().await?;
             let message = handle
                 .shared
@@ -488,7 +564,7 @@ pub async fn permission(
     answer(
         async {
             let caller = caller?;
-            let handle = state.registry.get(&id, &caller)?;
+            let located = state.registry.locate(&id, &caller, true).await?;
             let decision: PermissionDecision = parse_json(body, false)?.expect("required body");
             if decision.behavior.is_none() && decision.option_id.is_none() {
                 return Err(ApiError::BadRequest(
@@ -500,7 +576,20 @@ pub async fn permission(
                 (None, Some(o)) => format!("request {request_id}: option {o:?}"),
                 (None, None) => String::new(),
             };
-            handle.permission(request_id, decision).await?;
+            match located {
+                Located::Here(h) => h.permission(request_id, decision).await?,
+                Located::Elsewhere(r) => {
+                    remote(
+                        &state,
+                        &r,
+                        Command::Permission {
+                            request_id,
+                            decision,
+                        },
+                    )
+                    .await?;
+                }
+            }
             audit("permission.answer", &caller, &id, &answer);
             Ok(StatusCode::NO_CONTENT.into_response())
         }
@@ -509,15 +598,16 @@ pub async fn permission(
 }
 
 /// `GET /sessions/{id}/events`
-pub fn events(
+pub async fn events(
     id: String,
     state: AppState,
     caller: Result<Caller, ApiError>,
     last_event_id: Option<String>,
     raw_query: String,
 ) -> Response {
-    answer((|| {
-        let handle = state.registry.get(&id, &caller?)?;
+    answer(
+        async {
+        let located = state.registry.locate(&id, &caller?, false).await?;
         let q = query(&raw_query)?;
         let after = match last_event_id {
             Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
@@ -526,15 +616,120 @@ pub fn events(
             None => query_u64(&q, "after")?,
         };
         let permit = stream_permit(&state)?;
-        let sub = handle.shared.log.subscribe(after.unwrap_or(0));
-        Ok(sse::response(
-            sub,
-            Scope::All,
+        let guard = Some(Arc::new((state.registry.metrics.stream_opened(), permit)) as Arc<_>);
+        let heartbeat = state.registry.config.heartbeat;
+        let after = after.unwrap_or(0);
+        // Cluster mode: every node streams the session from the store, so
+        // ids and `Last-Event-ID` are the same wherever a client connects.
+        let session = match &located {
+            Located::Here(h) => h.id(),
+            Located::Elsewhere(r) => r.record.id,
+        };
+        if let Some(feed) = StoreFeed::new(&state.registry, session, after) {
+            return Ok(sse::response(feed, Scope::All, heartbeat, state.shutdown.clone(), guard));
+        }
+        let Located::Here(handle) = located else {
+            return Err(ApiError::Internal("a remote session without a cluster".into()));
+        };
+        let sub = handle.shared.log.subscribe(after);
+        Ok(sse::response(sub, Scope::All, heartbeat, state.shutdown.clone(), guard))
+        }
+        .await,
+    )
+}
+
+/// Runs `command` on the node holding session `r`; a closed session is 410.
+async fn remote(
+    state: &AppState,
+    r: &Remote,
+    command: Command,
+) -> Result<serde_json::Value, ApiError> {
+    if r.is_closed() {
+        return Err(ApiError::Gone(format!("session {} is closed", r.record.id)));
+    }
+    let (Some(cluster), Some(node)) = (&state.registry.cluster, r.holder()) else {
+        return Err(ApiError::Unavailable(format!(
+            "session {} is moving between nodes; retry",
+            r.record.id
+        )));
+    };
+    cluster
+        .call(&state.registry.store, node, r.record.id, &command)
+        .await
+}
+
+/// `POST …/messages` for a session held by another node: the message is
+/// stored in its inbox (acknowledged = stored) and its holder queues it.
+/// `wait` and `text/event-stream` follow it through the store.
+async fn send_elsewhere(
+    state: &AppState,
+    r: &Remote,
+    content: crate::content::Content,
+    wait: bool,
+    sse_wanted: bool,
+) -> Result<Response, ApiError> {
+    if r.is_closed() {
+        return Err(ApiError::Gone(format!("session {} is closed", r.record.id)));
+    }
+    let session = r.record.id;
+    let message = crate::model::Message {
+        id: Uuid::new_v4(),
+        session_id: session,
+        input: content,
+        output: String::new(),
+        status: crate::model::MessageStatus::Queued,
+        error: None,
+        created_at: time::OffsetDateTime::now_utc(),
+        started_at: None,
+        finished_at: None,
+        duration_ms: None,
+        usage: None,
+        fallback: false,
+    };
+    // The feeds below read the session's log from its start and keep this
+    // message's events only (the log is bounded by the replay limits).
+    let after = 0;
+    state
+        .registry
+        .store
+        .push_inbox(&message)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let location = format!("/sessions/{session}/messages/{}", message.id);
+    let feed = || {
+        StoreFeed::new(&state.registry, session, after)
+            .ok_or_else(|| ApiError::Internal("a remote session without a cluster".into()))
+    };
+    if sse_wanted {
+        let res = sse::response(
+            feed()?,
+            Scope::Message(message.id),
             state.registry.config.heartbeat,
             state.shutdown.clone(),
-            Some(Arc::new((state.registry.metrics.stream_opened(), permit))),
-        ))
-    })())
+            Some(Arc::new(state.registry.metrics.stream_opened())),
+        );
+        return Ok(with_location(res, location));
+    }
+    if !wait {
+        return Ok(with_location(
+            json_response(StatusCode::ACCEPTED, &message),
+            location,
+        ));
+    }
+    let mut feed = feed()?;
+    while let Some(item) = feed.next().await {
+        if let crate::session::Item::Event(e) = item {
+            if e.message_id == Some(message.id) && e.ends_message() {
+                break;
+            }
+        }
+    }
+    let done = state
+        .registry
+        .remote_message(r, message.id)
+        .await?
+        .ok_or_else(|| ApiError::Gone("the session was deleted".into()))?;
+    Ok(with_location(json_response(StatusCode::OK, &done), location))
 }
 
 /// A place among the open event streams (`--max-event-streams`), or 429.

@@ -214,7 +214,7 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .and(get())
         .and(s())
         .and(raw_query())
-        .map(handlers::list_sessions);
+        .then(handlers::list_sessions);
     let sessions_create = warp::path!("sessions")
         .and(warp::post())
         .and(s())
@@ -223,7 +223,7 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
     let session_get = warp::path!("sessions" / String)
         .and(get())
         .and(s())
-        .map(handlers::get_session);
+        .then(handlers::get_session);
     let session_delete = warp::path!("sessions" / String)
         .and(warp::delete())
         .and(s())
@@ -252,11 +252,11 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .and(get())
         .and(s())
         .and(raw_query())
-        .map(handlers::list_messages);
+        .then(handlers::list_messages);
     let message_get = warp::path!("sessions" / String / "messages" / String)
         .and(get())
         .and(s())
-        .map(handlers::get_message);
+        .then(handlers::get_message);
     let interrupt = warp::path!("sessions" / String / "interrupt")
         .and(warp::post())
         .and(s())
@@ -271,7 +271,7 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .and(s())
         .and(header("last-event-id"))
         .and(raw_query())
-        .map(handlers::events);
+        .then(handlers::events);
     let oneshot = warp::path!("oneshot")
         .and(warp::post())
         .and(s())

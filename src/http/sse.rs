@@ -27,7 +27,53 @@ use warp::http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use warp::reply::Response;
 use warp::Reply;
 
+use crate::cluster::StoreFeed;
 use crate::session::{Item, Subscription};
+
+/// Where a stream's events come from: a session's log in this process, or
+/// (cluster mode) the store.
+pub enum Source {
+    /// The in-process log.
+    Log(Subscription),
+    /// The store: a [`StoreFeed`] driven by its own task (its queries'
+    /// futures are not `Sync`, which a response body must be), ended when
+    /// the stream is dropped.
+    Store(tokio::sync::mpsc::Receiver<Item>),
+}
+
+impl Source {
+    async fn next(&mut self) -> Option<Item> {
+        match self {
+            Source::Log(sub) => sub.next().await,
+            Source::Store(rx) => rx.recv().await,
+        }
+    }
+}
+
+impl From<Subscription> for Source {
+    fn from(sub: Subscription) -> Source {
+        Source::Log(sub)
+    }
+}
+
+impl From<StoreFeed> for Source {
+    fn from(mut feed: StoreFeed) -> Source {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let item = tokio::select! {
+                    item = feed.next() => item,
+                    _ = tx.closed() => return,
+                };
+                let Some(item) = item else { return };
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Source::Store(rx)
+    }
+}
 
 /// Reconnect delay suggested to EventSource clients (`retry:` in ms).
 const RETRY: &[u8] = b"retry:2000\n\n";
@@ -51,7 +97,7 @@ fn gap_frame(from: u64, to: u64) -> Bytes {
 
 /// One subscriber's stream state, carried from item to item.
 struct Stream {
-    sub: Subscription,
+    sub: Source,
     scope: Scope,
     shutdown: CancellationToken,
     heartbeat: Duration,
@@ -110,7 +156,7 @@ impl Stream {
 
 /// The SSE response for `sub`, limited to `scope`, ending at `shutdown`.
 pub fn response(
-    sub: Subscription,
+    sub: impl Into<Source>,
     scope: Scope,
     heartbeat: Duration,
     shutdown: CancellationToken,
@@ -118,7 +164,7 @@ pub fn response(
 ) -> Response {
     let now = Instant::now();
     let state = Stream {
-        sub,
+        sub: sub.into(),
         scope,
         shutdown,
         heartbeat,
@@ -190,7 +236,7 @@ mod tests {
         let heartbeat = Duration::from_millis(50);
         let now = Instant::now();
         let mut stream = Stream {
-            sub: log.subscribe(0),
+            sub: log.subscribe(0).into(),
             scope: Scope::Message(id),
             shutdown: CancellationToken::new(),
             heartbeat,

@@ -286,9 +286,10 @@ impl Actor {
             Command::Send {
                 content,
                 timeout,
+                adopted,
                 reply,
             } => {
-                let mut result = self.enqueue(content, timeout);
+                let mut result = self.enqueue(content, timeout, adopted);
                 if let Ok(m) = &result {
                     // Acknowledged means stored: a message the store refused
                     // is taken back and the client gets 503.
@@ -361,10 +362,11 @@ impl Actor {
         &mut self,
         content: Content,
         timeout: Option<Duration>,
+        adopted: Option<Message>,
     ) -> Result<Message, ApiError> {
         let max_queue = self.registry.config.max_queue;
         let busy = self.current.is_some() || !self.queue.is_empty();
-        if busy && self.queue.len() >= max_queue {
+        if adopted.is_none() && busy && self.queue.len() >= max_queue {
             return Err(ApiError::TooManyRequests {
                 detail: format!(
                     "{} messages are already waiting in this session (max_queue = {max_queue})",
@@ -373,7 +375,9 @@ impl Actor {
                 retry_after: Duration::from_secs(1),
             });
         }
-        let id = Uuid::new_v4();
+        let (id, created_at) = adopted
+            .map(|m| (m.id, m.created_at))
+            .unwrap_or_else(|| (Uuid::new_v4(), OffsetDateTime::now_utc()));
         let message = Message {
             id,
             session_id: self.shared.id,
@@ -381,7 +385,7 @@ impl Actor {
             output: String::new(),
             status: MessageStatus::Queued,
             error: None,
-            created_at: OffsetDateTime::now_utc(),
+            created_at,
             started_at: None,
             finished_at: None,
             duration_ms: None,
@@ -1231,6 +1235,27 @@ impl Actor {
             return;
         }
         self.closed = true;
+        if reason == CloseReason::Detached {
+            // The session goes on elsewhere: end the child at once and leave
+            // every record as it is (the next holder reads the store).
+            if let Some(run) = self.fallback.take() {
+                run.task.abort();
+            }
+            self.child_gone_updates();
+            if let Some(child) = self.child.take() {
+                let pid = child.proc.pid();
+                let _ = child.proc.stop(Duration::ZERO).await;
+                self.registry.child_stopped();
+                self.registry.child_gone(self.shared.id, pid);
+            }
+            if let Some(rx) = self.stopping.take() {
+                let _ = rx.await;
+            }
+            self.shared.log.close();
+            self.shared.finished.send_modify(|n| *n += 1);
+            tracing::info!(session_id = %self.shared.id, "session left this node");
+            return;
+        }
         let detail = match reason {
             CloseReason::Deleted => "the session was deleted",
             CloseReason::Expired => "the session expired",
@@ -1238,6 +1263,7 @@ impl Actor {
             CloseReason::Failed => {
                 "the session was closed: the agent kept exiting (restart budget spent)"
             }
+            CloseReason::Detached => unreachable!("handled above"),
         };
         if let Some(run) = self.fallback.take() {
             run.task.abort();
@@ -1261,6 +1287,7 @@ impl Actor {
             CloseReason::Expired => "expired",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Failed => "failed",
+            CloseReason::Detached => unreachable!("handled above"),
         };
         if reason == CloseReason::Shutdown && self.registry.store.is_durable() {
             // The session outlives this gateway: open streams end with it

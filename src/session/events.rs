@@ -40,6 +40,27 @@ impl StoredEvent {
         std::str::from_utf8(&self.frame[self.data.clone()]).expect("serde_json writes UTF-8")
     }
 
+    /// An event read back from the store, framed as it was sent.
+    pub fn read_back(seq: u64, name: &str, message_id: Option<Uuid>, data: &str) -> StoredEvent {
+        let mut frame = Vec::with_capacity(data.len() + 40);
+        frame.extend_from_slice(b"event:");
+        frame.extend_from_slice(name.as_bytes());
+        frame.extend_from_slice(b"\ndata:");
+        let start = frame.len();
+        frame.extend_from_slice(data.as_bytes());
+        let range = start..frame.len();
+        frame.extend_from_slice(b"\nid:");
+        push_decimal(&mut frame, seq);
+        frame.extend_from_slice(b"\n\n");
+        StoredEvent {
+            seq,
+            name: static_name(name),
+            message_id,
+            frame: Bytes::from(frame),
+            data: range,
+        }
+    }
+
     /// Whether this event ends its message (`message.completed` / `message.failed`).
     pub fn ends_message(&self) -> bool {
         self.name == "message.completed" || self.name == "message.failed"
@@ -110,24 +131,9 @@ impl EventLog {
         {
             let mut ring = log.ring.lock().expect("event ring poisoned");
             for (seq, name, message_id, data) in events {
-                let mut frame = Vec::with_capacity(data.len() + 40);
-                frame.extend_from_slice(b"event:");
-                frame.extend_from_slice(name.as_bytes());
-                frame.extend_from_slice(b"\ndata:");
-                let start = frame.len();
-                frame.extend_from_slice(data.as_bytes());
-                let range = start..frame.len();
-                frame.extend_from_slice(b"\nid:");
-                push_decimal(&mut frame, seq);
-                frame.extend_from_slice(b"\n\n");
-                ring.bytes += range.len();
-                ring.events.push_back(Arc::new(StoredEvent {
-                    seq,
-                    name: static_name(&name),
-                    message_id,
-                    frame: Bytes::from(frame),
-                    data: range,
-                }));
+                let event = StoredEvent::read_back(seq, &name, message_id, &data);
+                ring.bytes += event.data.len();
+                ring.events.push_back(Arc::new(event));
             }
             ring.next_seq = next_seq.max(ring.events.back().map_or(1, |e| e.seq + 1));
         }

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 pub use events::{EventLog, Item, StoredEvent, Subscription};
-pub use registry::Registry;
+pub use registry::{Located, Registry, Remote};
 
 use crate::config::AgentProfile;
 use crate::content::Content;
@@ -46,6 +46,11 @@ pub enum CloseReason {
     Shutdown,
     /// The restart budget ran out.
     Failed,
+    /// Cluster mode: the session leaves this node (its idle child was
+    /// reaped, or another node took its lease). Nothing is published or
+    /// failed: the session lives on in the store for the next holder.
+    #[serde(skip)]
+    Detached,
 }
 
 /// A request to a session's task.
@@ -57,6 +62,10 @@ pub(crate) enum Command {
     Send {
         content: Content,
         timeout: Option<Duration>,
+        /// A message already acknowledged elsewhere (stored queued, or in the
+        /// cluster inbox): it keeps its id and time and is never refused for
+        /// a full queue.
+        adopted: Option<Message>,
         reply: oneshot::Sender<Result<Message, ApiError>>,
     },
     Interrupt {
@@ -98,6 +107,8 @@ pub struct SessionShared {
     pub forked_from: Option<Uuid>,
     /// The JWT `sub` that created it; `None`: the operator's.
     pub owner: Option<String>,
+    /// Cluster mode: this node, which holds its lease while it is here.
+    pub node: Option<String>,
     /// Working directory of its children.
     pub cwd: Option<PathBuf>,
     /// Its events.
@@ -134,7 +145,7 @@ struct Status {
 
 /// Sums the usage of `messages`: claude's per-reply `usage` tokens and the
 /// gateway's per-message `cost_usd`.
-fn sum_usage(messages: &[Message]) -> SessionUsage {
+pub(crate) fn sum_usage(messages: &[Message]) -> SessionUsage {
     let mut sum = SessionUsage::default();
     for u in messages.iter().filter_map(|m| m.usage.as_ref()) {
         let tokens = |k: &str| u["usage"][k].as_u64().unwrap_or(0);
@@ -175,6 +186,7 @@ impl SessionShared {
             usage: sum_usage(&s.messages),
             forked_from: self.forked_from,
             owner: self.owner.clone(),
+            node: self.node.clone(),
         }
     }
 
@@ -295,6 +307,18 @@ impl SessionHandle {
         self.call(|reply| Command::Send {
             content,
             timeout,
+            adopted: None,
+            reply,
+        })
+        .await?
+    }
+
+    /// Queues a message acknowledged elsewhere (see `Command::Send`).
+    pub(crate) async fn adopt(&self, message: Message) -> Result<Message, ApiError> {
+        self.call(|reply| Command::Send {
+            content: message.input.clone(),
+            timeout: None,
+            adopted: Some(message),
             reply,
         })
         .await?

@@ -35,6 +35,17 @@ pub async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
                 });
             } else if state == SessionState::Idle && has_child && idle_for >= config.idle_timeout {
                 handle.suspend("idle", Some(config.idle_timeout));
+            } else if registry.cluster.is_some()
+                && state == SessionState::Suspended
+                && !has_child
+                && handle.shared.view().queued == 0
+                && idle_for >= config.idle_timeout
+            {
+                // Cluster mode: a session without a child holds no lease; the
+                // next node that needs it takes it.
+                let registry = registry.clone();
+                let id = handle.id();
+                tokio::spawn(async move { registry.detach(id, false).await });
             }
         }
     }

@@ -19,6 +19,9 @@ use tokio::time::Instant;
 use tracing::Instrument;
 use uuid::Uuid;
 
+mod cluster;
+pub use cluster::{Located, Remote};
+
 use super::actor::Actor;
 use super::{CloseReason, Command, EventLog, SessionHandle, SessionShared, Status};
 use crate::auth::Caller;
@@ -63,6 +66,10 @@ pub struct Registry {
     pub store: Arc<crate::store::Store>,
     /// The gateway's metrics (`GET /metrics`).
     pub metrics: crate::metrics::Metrics,
+    /// Cluster mode (a `postgres://` store): this node's part.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Taking a session onto this node, and its inbox, one at a time.
+    attaching: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
@@ -74,8 +81,6 @@ impl Registry {
     /// An empty registry whose sessions are kept in `store`.
     pub fn with_store(config: Arc<Config>, store: Arc<crate::store::Store>) -> Arc<Registry> {
         Arc::new(Registry {
-            store,
-            config,
             sessions: DashMap::new(),
             reserved: AtomicUsize::new(0),
             live_children: AtomicUsize::new(0),
@@ -84,6 +89,12 @@ impl Registry {
             shutting_down: AtomicBool::new(false),
             pool: Default::default(),
             metrics: crate::metrics::Metrics::new(),
+            cluster: store
+                .node_id()
+                .map(|node| Arc::new(crate::cluster::Cluster::new(node, config.lease_ttl))),
+            attaching: tokio::sync::Mutex::new(()),
+            store,
+            config,
         })
     }
 
@@ -257,6 +268,7 @@ impl Registry {
             created_at: now,
             forked_from: seed.forked_from,
             owner: seed.owner,
+            node: self.store.node_id().map(str::to_string),
             cwd,
             log: EventLog::new(self.config.replay_events, self.config.replay_bytes),
             idle_timeout: self.config.idle_timeout,
@@ -281,6 +293,10 @@ impl Registry {
         if self.store.is_durable() {
             // Acknowledged means stored: a session the store refused is not created.
             let stored = async {
+                if let Some(cluster) = &self.cluster {
+                    // Its child starts here: this node holds it from the first write.
+                    self.store.acquire(id, cluster.ttl).await?;
+                }
                 self.store.save_session(&shared.record(None)).await?;
                 self.store
                     .reserve_events(id, super::persist::RESERVE)
@@ -414,6 +430,9 @@ impl Registry {
     /// Returns how many sessions came back.
     pub async fn restore(self: &Arc<Self>) -> Result<usize, crate::store::StoreError> {
         use crate::model::{FailureCode, MessageError, MessageStatus};
+        if self.cluster.is_some() {
+            return self.restore_node().await;
+        }
         let mut restored = 0;
         for (record, ceiling) in self.store.load_sessions().await? {
             let Some(profile) = self.config.profiles.get(&record.agent).cloned() else {
@@ -559,6 +578,7 @@ impl Registry {
             created_at: record.created_at,
             forked_from: record.forked_from,
             owner: record.owner.clone(),
+            node: self.store.node_id().map(str::to_string),
             cwd: record.cwd.as_ref().map(PathBuf::from),
             log,
             idle_timeout: self.config.idle_timeout,
@@ -765,6 +785,13 @@ impl Registry {
         let deadline = Instant::now() + std::time::Duration::from_secs(2);
         while all.iter().any(|h| h.shared.log.subscribers() > 0) && Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // Cluster mode: the sessions are free for the other nodes at once,
+        // not after the TTL.
+        for id in self.store.held() {
+            if let Err(e) = self.store.release(id).await {
+                tracing::warn!(session_id = %id, error = %e, "cannot give a lease back; it expires by itself");
+            }
         }
     }
 

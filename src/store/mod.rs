@@ -25,6 +25,9 @@ use uuid::Uuid;
 
 use crate::model::Message;
 
+mod cluster;
+pub use cluster::{Fence, Lease, CHANNELS};
+
 /// Where sessions are kept (`--store`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreSpec {
@@ -96,6 +99,10 @@ pub enum StoreError {
     /// A query failed (disk full, file removed, database down).
     #[error("the session store failed: {0}")]
     Query(String),
+    /// This node no longer holds the session's lease (another node took
+    /// it): the write was refused and nothing was written.
+    #[error("session {0}: this node no longer holds its lease")]
+    Fenced(Uuid),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -198,6 +205,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub struct Store {
     pool: Option<AnyPool>,
     spec: StoreSpec,
+    /// Cluster mode: the leases this node holds; every write for a session
+    /// checks its lease in the same transaction (see [`Fence`]).
+    fence: std::sync::OnceLock<Fence>,
     /// Held while the gateway runs: a second gateway on the same SQLite file
     /// fails to take it.
     _lock: Option<nix::fcntl::Flock<File>>,
@@ -209,6 +219,7 @@ impl Store {
         Store {
             pool: None,
             spec: StoreSpec::Memory,
+            fence: Default::default(),
             _lock: None,
         }
     }
@@ -262,6 +273,7 @@ impl Store {
         Ok(Store {
             pool: Some(pool),
             spec: spec.clone(),
+            fence: Default::default(),
             _lock: lock,
         })
     }
@@ -303,6 +315,7 @@ impl Store {
                 return Ok(());
             };
             let body = serde_json::to_string(s).map_err(|e| StoreError::Query(e.to_string()))?;
+            let mut tx = self.begin_for(pool, s.id).await?;
             sqlx::query(
                 "INSERT INTO sessions (id, body, owner) VALUES ($1, $2, $3) \
                  ON CONFLICT (id) DO UPDATE SET body = excluded.body, owner = excluded.owner",
@@ -310,8 +323,9 @@ impl Store {
             .bind(s.id.to_string())
             .bind(body)
             .bind(s.owner.clone())
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
+            tx.commit().await?;
             Ok(())
         })
         .await
@@ -324,11 +338,13 @@ impl Store {
             let Some(pool) = &self.pool else {
                 return Ok(());
             };
+            let mut tx = self.begin_for(pool, id).await?;
             sqlx::query("UPDATE sessions SET seq_ceiling = $1 WHERE id = $2 AND seq_ceiling < $1")
                 .bind(ceiling as i64)
                 .bind(id.to_string())
-                .execute(pool)
+                .execute(&mut *tx)
                 .await?;
+            tx.commit().await?;
             Ok(())
         })
         .await
@@ -341,16 +357,23 @@ impl Store {
                 return Ok(());
             };
             let body = serde_json::to_string(m).map_err(|e| StoreError::Query(e.to_string()))?;
+            let status = serde_json::to_value(m.status)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let mut tx = self.begin_for(pool, m.session_id).await?;
             sqlx::query(
-                "INSERT INTO messages (session_id, ord, id, body) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (session_id, ord) DO UPDATE SET body = excluded.body",
+                "INSERT INTO messages (session_id, ord, id, body, status) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (session_id, ord) DO UPDATE SET body = excluded.body, status = excluded.status",
             )
             .bind(m.session_id.to_string())
             .bind(ord as i64)
             .bind(m.id.to_string())
             .bind(body)
-            .execute(pool)
+            .bind(status)
+            .execute(&mut *tx)
             .await?;
+            tx.commit().await?;
             Ok(())
         })
         .await
@@ -365,7 +388,7 @@ impl Store {
             if events.is_empty() {
                 return Ok(());
             }
-            let mut tx = pool.begin().await?;
+            let mut tx = self.begin_for(pool, id).await?;
             for e in events {
                 sqlx::query(
                     "INSERT INTO events (session_id, seq, name, message_id, data) VALUES ($1, $2, $3, $4, $5) \
@@ -380,6 +403,7 @@ impl Store {
                 .await?;
             }
             tx.commit().await?;
+            self.notify_events(id).await;
             Ok(())
         })
         .await
@@ -391,11 +415,13 @@ impl Store {
             let Some(pool) = &self.pool else {
                 return Ok(());
             };
+            let mut tx = self.begin_for(pool, id).await?;
             sqlx::query("DELETE FROM events WHERE session_id = $1 AND seq < $2")
                 .bind(id.to_string())
                 .bind(first_kept as i64)
-                .execute(pool)
+                .execute(&mut *tx)
                 .await?;
+            tx.commit().await?;
             Ok(())
         })
         .await
@@ -407,8 +433,8 @@ impl Store {
             let Some(pool) = &self.pool else {
                 return Ok(());
             };
-            let mut tx = pool.begin().await?;
-            for table in ["events", "messages", "children"] {
+            let mut tx = self.begin_for(pool, id).await?;
+            for table in ["events", "messages", "children", "inbox", "commands"] {
                 sqlx::query(&format!("DELETE FROM {table} WHERE session_id = $1"))
                     .bind(id.to_string())
                     .execute(&mut *tx)
@@ -418,7 +444,15 @@ impl Store {
                 .bind(id.to_string())
                 .execute(&mut *tx)
                 .await?;
+            sqlx::query("DELETE FROM leases WHERE session_id = $1")
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
+            if let Some(f) = self.fence.get() {
+                f.held.remove(&id);
+            }
+            self.notify_events(id).await;
             Ok(())
         })
         .await
