@@ -189,6 +189,8 @@ pub async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_renewed = tokio::time::Instant::now();
+    let mut polls = 0u64;
+    let cleaning = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -201,6 +203,10 @@ pub async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
                     registry.take_inbox(id).await;
                 }
                 sweep(&registry).await;
+                polls += 1;
+                if polls % 5 == 0 {
+                    clean_up_dead_nodes(&registry, &cleaning);
+                }
             }
         }
     }
@@ -241,6 +247,26 @@ async fn renew_leases(
             }
         }
     }
+}
+
+/// Ends the process groups of nodes on this machine that died (`kill -9`)
+/// while their children lived: the same clean-up a gateway does at start-up
+/// ([`crate::process::leftovers`]), so a failover leaves nothing of the
+/// dead node running even when no gateway is restarted. In the background,
+/// one at a time (a group gets a grace period).
+fn clean_up_dead_nodes(registry: &Arc<Registry>, cleaning: &Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::Ordering;
+    if cleaning.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let store = registry.store.clone();
+    let cleaning = cleaning.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::end_leftover_children(&store).await {
+            tracing::warn!(error = %e, "cannot look for children of dead nodes");
+        }
+        cleaning.store(false, Ordering::SeqCst);
+    });
 }
 
 /// Takes sessions with work that no live node holds.

@@ -128,7 +128,7 @@ pub async fn serve_with_store(
 
 /// Ends the process groups a killed gateway left running on this store
 /// (see [`process::leftovers`]), before anything is served.
-async fn end_leftover_children(store: &store::Store) -> Result<(), store::StoreError> {
+pub(crate) async fn end_leftover_children(store: &store::Store) -> Result<(), store::StoreError> {
     use process::leftovers::{Gateway, Leftover};
     let orphaned: Vec<store::ChildRecord> = store
         .load_children()

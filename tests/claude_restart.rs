@@ -28,6 +28,9 @@ fn start(home: &std::path::Path, mock: &MockAnthropic, store: &str) -> Node {
         .envs(mock.child_env(home))
         .current_dir(home)
         .args(["--listen", "127.0.0.1:0", "--store", store]);
+    // On PostgreSQL: one node name across restarts (see tests/durable.rs).
+    let node = home.file_name().unwrap().to_string_lossy().into_owned();
+    cmd.args(["--node-id", &node]);
     Node::spawn(cmd)
 }
 

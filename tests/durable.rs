@@ -65,6 +65,11 @@ fn start_with(home: &std::path::Path, store: &str, wrapper: &[&str]) -> Node {
     };
     cmd.args(["--listen", "127.0.0.1:0", "--store", store, "--config"])
         .arg(&config);
+    // On PostgreSQL a gateway is a cluster node: one that comes back under
+    // the same name takes back at once what it held (the default name has
+    // the port in it, which changes here at every start).
+    let node = home.file_name().unwrap().to_string_lossy().into_owned();
+    cmd.args(["--node-id", &node]);
     Node::spawn(cmd)
 }
 

@@ -224,8 +224,12 @@ async fn bad_tokens_are_refused_with_401() {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
     };
     let mut tampered = ok.clone();
-    let last = tampered.pop().unwrap();
-    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    // A character inside the signature, not its last one: the last one of
+    // unpadded base64url carries spare bits, and a change there can make the
+    // token malformed instead of wrongly signed.
+    let at = tampered.len() - 10;
+    let was = tampered.as_bytes()[at];
+    tampered.replace_range(at..at + 1, if was == b'A' { "B" } else { "A" });
     let cases = [
         ("expired", rs(&with("exp", json!(now() - 120)))),
         ("nbf in the future", rs(&with("nbf", json!(now() + 120)))),
@@ -318,8 +322,12 @@ async fn refused_credentials_and_session_changes_are_audited_without_tokens() {
         &rsa,
         &json!({"sub": "mallory", "exp": now() + 600}),
     );
-    let last = tampered.pop().unwrap();
-    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    // A character inside the signature, not its last one: the last one of
+    // unpadded base64url carries spare bits, and a change there can make the
+    // token malformed instead of wrongly signed.
+    let at = tampered.len() - 10;
+    let was = tampered.as_bytes()[at];
+    tampered.replace_range(at..at + 1, if was == b'A' { "B" } else { "A" });
     for token in [&expired, &confused, &no_sub, &tampered] {
         let res = http
             .get(format!("{base}/sessions"))

@@ -472,6 +472,19 @@ impl Actor {
             }
             let q = self.queue.pop_front().expect("non-empty");
             self.sync_queued();
+            if self.registry.cluster.is_some() {
+                // Several nodes: `running` is stored before the child sees
+                // the message, so a node taking the session over after a
+                // crash fails it (`gateway_lost`) instead of running it twice.
+                self.update_message(q.id, |m| m.status = MessageStatus::Running);
+                if let Err(e) = self.persist_message(q.id).await {
+                    tracing::error!(session_id = %self.shared.id, error = %e, "cannot store a message as running; it waits");
+                    self.update_message(q.id, |m| m.status = MessageStatus::Queued);
+                    self.queue.push_front(q);
+                    self.sync_queued();
+                    return;
+                }
+            }
             let child = self.child.as_mut().expect("checked above");
             let input = child.adapter.frame_content(&q.content);
             child.proc.write(input);
