@@ -25,7 +25,9 @@ nginx_bin() { command -v nginx 2>/dev/null || { [[ -x /usr/sbin/nginx ]] && echo
 # maintainer scripts ask invoke-rc.d / deb-systemd-invoke, which ask
 # /usr/sbin/policy-rc.d; exit 101 there means "do not start". Ours is put in
 # place only for the install and only when the machine has none (Docker
-# images ship one that already says 101).
+# images ship one that already says 101). On a machine that boots with
+# systemd, the package still enables nginx.service for the next boot
+# (`systemctl disable nginx` if that is not wanted); CI containers never boot.
 install_nginx() {
     [[ -n "$(nginx_bin)" ]] && return 0
     [[ "$(id -u)" == 0 ]] || { log "nginx is missing and installing it needs root: apt-get install nginx"; exit 1; }
