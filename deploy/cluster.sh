@@ -35,6 +35,7 @@ free_port() {
 run="$(mktemp -d /tmp/agentgate-cluster.XXXXXX)"
 pg_dir="" nginx_dir=""
 pids=()
+# shellcheck disable=SC2317  # called by the EXIT trap
 cleanup() {
     trap - INT TERM EXIT
     log "stopping"

@@ -54,6 +54,7 @@ write_config() { # write_config DIR PORT MODE UPSTREAM...
     local dir="$1" port="$2" mode="$3"
     shift 3
     local balance servers="" u
+    # shellcheck disable=SC2016  # an nginx variable, written as it is
     case "$mode" in
     hash) balance='hash $agentgate_session consistent;' ;;
     rr) balance='# round robin: no affinity' ;;
