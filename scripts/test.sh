@@ -10,8 +10,10 @@
 # 2. checks formatting and lints;
 # 3. starts a throwaway PostgreSQL (Debian's, installed when missing) and
 #    runs every test: unit, HTTP, real processes (python3, sed, sh), the
-#    store on SQLite and PostgreSQL, and the real claude CLI against the
-#    suite's own mock of the Anthropic API;
+#    store on SQLite and PostgreSQL, the real claude CLI against the
+#    suite's own mock of the Anthropic API, and the proxy recipe behind a
+#    real nginx (Debian's, installed when missing, never started as a
+#    system service: scripts/nginx-throwaway.sh);
 # 4. checks the API as a contract against the real binary
 #    (scripts/contract/run.sh: installs its pinned tools from PyPI, npm and
 #    Debian first): openapi.yaml validated, schemathesis, the generated
@@ -79,6 +81,10 @@ pg_dir="$(head -n 1 <<<"$pg_out")"
 trap 'bash scripts/pg-throwaway.sh stop "$pg_dir"' EXIT
 AGENTGATE_TEST_POSTGRES="$(tail -n 1 <<<"$pg_out")"
 export AGENTGATE_TEST_POSTGRES
+
+step "nginx for tests/nginx.rs (scripts/nginx-throwaway.sh install)"
+bash scripts/nginx-throwaway.sh install
+echo "nginx: $(command -v nginx || echo /usr/sbin/nginx)"
 
 step "cargo test"
 cargo test --locked --all-targets --no-fail-fast

@@ -14,6 +14,8 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
+pub mod nginx;
+
 /// Path of the agentgate binary built for these tests.
 pub fn agentgate_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_agentgate"))
