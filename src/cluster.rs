@@ -204,7 +204,7 @@ pub async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
                 }
                 sweep(&registry).await;
                 polls += 1;
-                if polls % 5 == 0 {
+                if polls.is_multiple_of(5) {
                     clean_up_dead_nodes(&registry, &cleaning);
                 }
             }
@@ -237,9 +237,7 @@ async fn renew_leases(
         Err(e) => {
             tracing::error!(error = %e, "cannot renew leases");
             if last_renewed.elapsed() >= cluster.ttl {
-                tracing::error!(
-                    "no lease renewed for a whole TTL: every session leaves this node"
-                );
+                tracing::error!("no lease renewed for a whole TTL: every session leaves this node");
                 for id in held {
                     registry.metrics.lease_lost();
                     registry.detach(id, true).await;
@@ -325,7 +323,9 @@ async fn execute(
     let operator = crate::auth::Caller::OPERATOR;
     let id = session.to_string();
     let handle = registry.get(&id, &operator).map_err(|_| {
-        ApiError::Unavailable(format!("session {id} moved while the command was sent; retry"))
+        ApiError::Unavailable(format!(
+            "session {id} moved while the command was sent; retry"
+        ))
     })?;
     match command {
         Command::Interrupt => {
@@ -459,7 +459,11 @@ impl StoreFeed {
             if self.done {
                 return None;
             }
-            match self.store.load_events_after(self.id, self.cursor, 256).await {
+            match self
+                .store
+                .load_events_after(self.id, self.cursor, 256)
+                .await
+            {
                 Ok(events) if !events.is_empty() => {
                     if std::mem::take(&mut self.first) && self.cursor + 1 < events[0].seq {
                         // Older events were pruned by the replay limits, or
@@ -474,12 +478,13 @@ impl StoreFeed {
                         if e.name == "session.closed" {
                             self.done = true;
                         }
-                        self.pending.push_back(Item::Event(Arc::new(StoredEvent::read_back(
-                            e.seq,
-                            &e.name,
-                            e.message_id,
-                            &e.data,
-                        ))));
+                        self.pending
+                            .push_back(Item::Event(Arc::new(StoredEvent::read_back(
+                                e.seq,
+                                &e.name,
+                                e.message_id,
+                                &e.data,
+                            ))));
                     }
                     continue;
                 }

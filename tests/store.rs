@@ -183,3 +183,51 @@ mod rusqlite_free {
         .unwrap();
     }
 }
+
+/// Cluster mode's fencing, on the real PostgreSQL: a node whose lease was
+/// taken (it stopped renewing past the TTL) gets every write for that
+/// session refused, and nothing it tried reaches the store.
+#[tokio::test]
+async fn a_node_whose_lease_was_taken_writes_nothing_more() {
+    use std::time::Duration;
+    let url = std::env::var("AGENTGATE_TEST_POSTGRES")
+        .expect("AGENTGATE_TEST_POSTGRES: run through scripts/test.sh, which starts PostgreSQL");
+    let spec = StoreSpec::Postgres(url);
+    let a = Store::open(&spec).await.unwrap();
+    a.enable_fence("a");
+    let b = Store::open(&spec).await.unwrap();
+    b.enable_fence("b");
+    let s = session();
+    let long = Duration::from_secs(60);
+    // A node writes nothing for a session whose lease it does not hold.
+    assert!(matches!(
+        a.save_session(&s).await,
+        Err(StoreError::Fenced(_))
+    ));
+    assert_eq!(a.acquire(s.id, long).await.unwrap(), Some(1));
+    a.save_session(&s).await.unwrap();
+    let mut m = message(s.id, "one");
+    a.save_message(0, &m).await.unwrap();
+    // Held and live: nobody else takes it.
+    assert_eq!(b.acquire(s.id, long).await.unwrap(), None);
+    // a stops renewing (a renewal of zero: its lease expires now); b takes it.
+    assert_eq!(a.renew(Duration::ZERO).await.unwrap(), vec![s.id]);
+    assert_eq!(b.acquire(s.id, long).await.unwrap(), Some(2));
+    // a, continued, still believes it holds the session: its writes fail.
+    assert!(a.holds(s.id));
+    m.status = MessageStatus::Completed;
+    m.output = "late".into();
+    assert!(matches!(
+        a.save_message(0, &m).await,
+        Err(StoreError::Fenced(id)) if id == s.id
+    ));
+    assert!(!a.holds(s.id), "a refused write forgets the lease");
+    assert!(a.renew(long).await.unwrap().is_empty());
+    let stored = b.load_messages(s.id).await.unwrap();
+    assert_eq!(stored[0].status, MessageStatus::Queued);
+    assert_eq!(stored[0].output, "");
+    // The holder writes as before.
+    b.save_message(0, &m).await.unwrap();
+    assert_eq!(b.load_messages(s.id).await.unwrap()[0].output, "late");
+    b.delete_session(s.id).await.unwrap();
+}

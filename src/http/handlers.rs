@@ -18,12 +18,12 @@ use warp::Reply;
 use super::sse::{self, Scope};
 use super::{json_response, problem, AppState};
 use crate::auth::Caller;
+use crate::cluster::{Command, StoreFeed};
 use crate::error::ApiError;
 use crate::model::{
     Agent, AgentList, CreateSession, FailureCode, ForkSession, Health, MessageList, MessageStatus,
     OneshotRequest, OneshotResponse, PermissionDecision, SendMessage, SessionList, UpdateSession,
 };
-use crate::cluster::{Command, StoreFeed};
 use crate::session::{EventLog, Located, Remote};
 
 /// The OpenAPI document the server implements.
@@ -480,29 +480,33 @@ pub async fn list_messages(
 ) -> Response {
     answer(
         async {
-        let located = state.registry.locate(&id, &caller?, false).await?;
-        let q = query(&raw_query)?;
-        let limit = query_u64(&q, "limit")?.unwrap_or(1000).clamp(1, 10_000) as usize;
-        let after = match q.get("after") {
-            Some(a) => Some(Uuid::parse_str(a).map_err(|_| {
-                ApiError::BadRequest(format!("after must be a message id, not {a:?}"))
-            })?),
-            None => None,
-        };
-        let messages = match located {
-            Located::Here(h) => h.shared.messages(after, limit)?,
-            Located::Elsewhere(r) => {
-                let all = state.registry.remote_messages(&r).await?;
-                let start = match after {
-                    Some(a) => all.iter().position(|m| m.id == a).map(|i| i + 1).ok_or_else(
-                        || ApiError::NotFound(format!("no message {a} in this session")),
-                    )?,
-                    None => 0,
-                };
-                all.into_iter().skip(start).take(limit).collect()
-            }
-        };
-        Ok(json_response(StatusCode::OK, &MessageList { messages }))
+            let located = state.registry.locate(&id, &caller?, false).await?;
+            let q = query(&raw_query)?;
+            let limit = query_u64(&q, "limit")?.unwrap_or(1000).clamp(1, 10_000) as usize;
+            let after = match q.get("after") {
+                Some(a) => Some(Uuid::parse_str(a).map_err(|_| {
+                    ApiError::BadRequest(format!("after must be a message id, not {a:?}"))
+                })?),
+                None => None,
+            };
+            let messages = match located {
+                Located::Here(h) => h.shared.messages(after, limit)?,
+                Located::Elsewhere(r) => {
+                    let all = state.registry.remote_messages(&r).await?;
+                    let start = match after {
+                        Some(a) => all
+                            .iter()
+                            .position(|m| m.id == a)
+                            .map(|i| i + 1)
+                            .ok_or_else(|| {
+                                ApiError::NotFound(format!("no message {a} in this session"))
+                            })?,
+                        None => 0,
+                    };
+                    all.into_iter().skip(start).take(limit).collect()
+                }
+            };
+            Ok(json_response(StatusCode::OK, &MessageList { messages }))
         }
         .await,
     )
@@ -607,32 +611,46 @@ pub async fn events(
 ) -> Response {
     answer(
         async {
-        let located = state.registry.locate(&id, &caller?, false).await?;
-        let q = query(&raw_query)?;
-        let after = match last_event_id {
-            Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
-                ApiError::BadRequest(format!("Last-Event-ID must be an event id, not {v:?}"))
-            })?),
-            None => query_u64(&q, "after")?,
-        };
-        let permit = stream_permit(&state)?;
-        let guard = Some(Arc::new((state.registry.metrics.stream_opened(), permit)) as Arc<_>);
-        let heartbeat = state.registry.config.heartbeat;
-        let after = after.unwrap_or(0);
-        // Cluster mode: every node streams the session from the store, so
-        // ids and `Last-Event-ID` are the same wherever a client connects.
-        let session = match &located {
-            Located::Here(h) => h.id(),
-            Located::Elsewhere(r) => r.record.id,
-        };
-        if let Some(feed) = StoreFeed::new(&state.registry, session, after) {
-            return Ok(sse::response(feed, Scope::All, heartbeat, state.shutdown.clone(), guard));
-        }
-        let Located::Here(handle) = located else {
-            return Err(ApiError::Internal("a remote session without a cluster".into()));
-        };
-        let sub = handle.shared.log.subscribe(after);
-        Ok(sse::response(sub, Scope::All, heartbeat, state.shutdown.clone(), guard))
+            let located = state.registry.locate(&id, &caller?, false).await?;
+            let q = query(&raw_query)?;
+            let after = match last_event_id {
+                Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
+                    ApiError::BadRequest(format!("Last-Event-ID must be an event id, not {v:?}"))
+                })?),
+                None => query_u64(&q, "after")?,
+            };
+            let permit = stream_permit(&state)?;
+            let guard = Some(Arc::new((state.registry.metrics.stream_opened(), permit)) as Arc<_>);
+            let heartbeat = state.registry.config.heartbeat;
+            let after = after.unwrap_or(0);
+            // Cluster mode: every node streams the session from the store, so
+            // ids and `Last-Event-ID` are the same wherever a client connects.
+            let session = match &located {
+                Located::Here(h) => h.id(),
+                Located::Elsewhere(r) => r.record.id,
+            };
+            if let Some(feed) = StoreFeed::new(&state.registry, session, after) {
+                return Ok(sse::response(
+                    feed,
+                    Scope::All,
+                    heartbeat,
+                    state.shutdown.clone(),
+                    guard,
+                ));
+            }
+            let Located::Here(handle) = located else {
+                return Err(ApiError::Internal(
+                    "a remote session without a cluster".into(),
+                ));
+            };
+            let sub = handle.shared.log.subscribe(after);
+            Ok(sse::response(
+                sub,
+                Scope::All,
+                heartbeat,
+                state.shutdown.clone(),
+                guard,
+            ))
         }
         .await,
     )
@@ -729,7 +747,10 @@ async fn send_elsewhere(
         .remote_message(r, message.id)
         .await?
         .ok_or_else(|| ApiError::Gone("the session was deleted".into()))?;
-    Ok(with_location(json_response(StatusCode::OK, &done), location))
+    Ok(with_location(
+        json_response(StatusCode::OK, &done),
+        location,
+    ))
 }
 
 /// A place among the open event streams (`--max-event-streams`), or 429.

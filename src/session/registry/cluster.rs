@@ -33,7 +33,7 @@ pub enum Located {
     /// Its child runs here (or it was taken here for this request).
     Here(SessionHandle),
     /// Another node holds it, or nobody does and the request only reads.
-    Elsewhere(Remote),
+    Elsewhere(Box<Remote>),
 }
 
 /// A session as the store has it, on a node that does not hold it.
@@ -95,16 +95,21 @@ impl Registry {
             if !caller.may_see(record.owner.as_deref()) {
                 return Err(missing());
             }
-            let profile = self.config.profiles.get(&record.agent).cloned().ok_or_else(|| {
-                ApiError::Internal(format!("profile {:?} no longer exists", record.agent))
-            })?;
+            let profile = self
+                .config
+                .profiles
+                .get(&record.agent)
+                .cloned()
+                .ok_or_else(|| {
+                    ApiError::Internal(format!("profile {:?} no longer exists", record.agent))
+                })?;
             let remote = Remote {
                 record,
                 lease,
                 profile,
             };
             if !take || remote.is_closed() || remote.holder().is_some() {
-                return Ok(Located::Elsewhere(remote));
+                return Ok(Located::Elsewhere(Box::new(remote)));
             }
             if let Some(h) = self.attach(uuid).await? {
                 return Ok(Located::Here(h));
@@ -175,6 +180,7 @@ impl Registry {
         let Some(profile) = self.config.profiles.get(&record.agent).cloned() else {
             return Ok(None);
         };
+        self.end_previous_child(id).await?;
         let mut messages = self.store.load_messages(id).await?;
         let mut lost = Vec::new();
         for (ord, m) in messages.iter_mut().enumerate() {
@@ -241,6 +247,44 @@ impl Registry {
         Ok(Some((self.launch(shared), queued)))
     }
 
+    /// The child a dead node on this machine left for session `id` (a
+    /// `kill -9`: its group, grandchildren included, may still run) is ended
+    /// before this node starts its own; the record would be overwritten by
+    /// the new child's otherwise. A live node's child (one stopped past its
+    /// lease) is that node's to end; another machine's is out of reach
+    /// (there the node's container or unit takes its processes with it).
+    async fn end_previous_child(&self, id: Uuid) -> Result<(), StoreError> {
+        use crate::process::leftovers::{Gateway, Leftover};
+        let Some(child) = self
+            .store
+            .load_children()
+            .await?
+            .into_iter()
+            .find(|c| c.session_id == id)
+        else {
+            return Ok(());
+        };
+        let gateway = Gateway {
+            host: child.host.clone(),
+            pid: child.gateway_pid,
+            start_time: child.gateway_start,
+        };
+        if !gateway.is_gone() {
+            return Ok(());
+        }
+        let group = [Leftover {
+            pid: child.pid,
+            start_time: child.start_time,
+        }];
+        tokio::spawn(async move {
+            let ended = crate::process::leftovers::end(&group, Duration::from_secs(3)).await;
+            if ended > 0 {
+                tracing::info!(session_id = %id, pgid = group[0].pid, ended, "ended the child a dead node left");
+            }
+        });
+        self.store.forget_child(id, child.pid).await
+    }
+
     /// Queues session `id`'s inbox (messages posted on other nodes) if it
     /// is held here.
     pub async fn take_inbox(self: &Arc<Self>, id: Uuid) {
@@ -296,8 +340,17 @@ impl Registry {
     /// for the delete (every write is fenced).
     pub async fn delete_unheld(&self, r: &Remote) -> Result<(), ApiError> {
         let id = r.record.id;
-        let ttl = self.cluster.as_ref().map_or(Duration::from_secs(15), |c| c.ttl);
-        if self.store.acquire(id, ttl).await.map_err(unavailable)?.is_none() {
+        let ttl = self
+            .cluster
+            .as_ref()
+            .map_or(Duration::from_secs(15), |c| c.ttl);
+        if self
+            .store
+            .acquire(id, ttl)
+            .await
+            .map_err(unavailable)?
+            .is_none()
+        {
             return Err(ApiError::Unavailable(format!(
                 "session {id} is moving between nodes; retry"
             )));
@@ -395,7 +448,9 @@ impl Registry {
             match self.attach(id).await {
                 Ok(Some(_)) => taken += 1,
                 Ok(None) => {}
-                Err(e) => tracing::warn!(session_id = %id, error = %e, "cannot take back a session"),
+                Err(e) => {
+                    tracing::warn!(session_id = %id, error = %e, "cannot take back a session")
+                }
             }
         }
         Ok(taken)
