@@ -41,6 +41,9 @@ use crate::store::Store;
 
 /// How often a node looks at the store without being woken.
 const POLL: Duration = Duration::from_secs(1);
+/// How often an idle event stream reads the store without being woken
+/// (a notification is lost only while the listener reconnects).
+const FEED_POLL: Duration = Duration::from_secs(3);
 /// How long a command waits for its holder's answer.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -199,8 +202,11 @@ pub async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
             }
             _ = poll.tick() => {
                 tokio::spawn(run_commands(registry.clone()));
-                for id in registry.store.held() {
-                    registry.take_inbox(id).await;
+                // Inboxes whose notification was missed.
+                if let Ok(waiting) = registry.store.inbox_sessions().await {
+                    for id in waiting.into_iter().filter(|id| registry.store.holds(*id)) {
+                        registry.take_inbox(id).await;
+                    }
                 }
                 sweep(&registry).await;
                 polls += 1;
@@ -492,16 +498,25 @@ impl StoreFeed {
                 Err(e) => tracing::warn!(session_id = %self.id, error = %e, "cannot read events"),
             }
             // Nothing new: wait for the holder's next batch.
-            let deadline = tokio::time::Instant::now() + POLL;
+            let deadline = tokio::time::Instant::now() + FEED_POLL;
             loop {
                 match tokio::time::timeout_at(deadline, self.wake.recv()).await {
                     Ok(Ok(id)) if id != self.id => continue,
                     Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => break,
                     Ok(Err(broadcast::error::RecvError::Closed)) => return None,
                     Err(_) => {
-                        // A quiet while: is the session still there?
+                        // A quiet while: is the session still there? One
+                        // deleted on its holder took its log along before
+                        // its `session.closed` was written: say it here.
                         if let Ok(None) = self.store.load_session(self.id).await {
                             self.done = true;
+                            self.pending
+                                .push_back(Item::Event(Arc::new(StoredEvent::read_back(
+                                    self.cursor + 1,
+                                    "session.closed",
+                                    None,
+                                    r#"{"reason":"deleted"}"#,
+                                ))));
                         }
                         break;
                     }

@@ -345,6 +345,36 @@ async fn without_affinity_every_node_gives_the_same_answers_and_ids() {
         assert_eq!(seen[0], seen[1], "nodes disagree on session {id}");
         assert_eq!(seen[0], seen[2], "nodes disagree on session {id}");
     }
+    // A session deleted through one node ends the streams of every node.
+    let id = &sessions[0];
+    let streams: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let http = http.clone();
+            let url = format!("{}/sessions/{id}/events?after={}", n.base, u64::MAX / 2);
+            tokio::spawn(async move {
+                let res = http.get(url).send().await.unwrap();
+                read_sse(res, T, |i| i.event.as_deref() == Some("session.closed")).await
+            })
+        })
+        .collect();
+    let res = http
+        .delete(format!("{base}/sessions/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    for s in streams {
+        s.await.unwrap();
+    }
+    for n in &nodes {
+        let res = http
+            .get(format!("{}/sessions/{id}", n.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 404);
+    }
     drop(proxy);
 }
 

@@ -355,6 +355,24 @@ impl Store {
         .await
     }
 
+    /// The sessions that have messages in the inbox.
+    pub async fn inbox_sessions(&self) -> Result<Vec<Uuid>, StoreError> {
+        let Some(pool) = &self.pool else {
+            return Ok(vec![]);
+        };
+        bounded(async move {
+            let rows = sqlx::query("SELECT DISTINCT session_id FROM inbox")
+                .fetch_all(pool)
+                .await?;
+            Ok(rows
+                .iter()
+                .filter_map(|r| r.try_get::<String, _>(0).ok())
+                .filter_map(|id| Uuid::parse_str(&id).ok())
+                .collect())
+        })
+        .await
+    }
+
     /// Message `message` left the inbox (it is in its session's messages).
     pub async fn forget_inbox(&self, message: Uuid) -> Result<(), StoreError> {
         let Some(pool) = &self.pool else {
