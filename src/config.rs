@@ -108,6 +108,15 @@ pub struct Cli {
     /// Most open event streams at once, all credentials together (429 beyond).
     #[arg(long, env = "AGENTGATE_MAX_EVENT_STREAMS", default_value_t = 256)]
     pub max_event_streams: usize,
+    /// Most open event streams of one JWT owner (429 beyond), so one user
+    /// cannot take every stream place; operators count only toward
+    /// `--max-event-streams`.
+    #[arg(
+        long,
+        env = "AGENTGATE_MAX_EVENT_STREAMS_PER_OWNER",
+        default_value_t = 16
+    )]
+    pub max_event_streams_per_owner: usize,
     /// Largest request body in bytes (413 beyond).
     #[arg(long, env = "AGENTGATE_MAX_BODY", default_value_t = 1 << 20)]
     pub max_body: u64,
@@ -469,6 +478,8 @@ pub struct Config {
     pub header_timeout: Duration,
     /// See [`Cli::max_event_streams`].
     pub max_event_streams: usize,
+    /// See [`Cli::max_event_streams_per_owner`].
+    pub max_event_streams_per_owner: usize,
     /// See [`Cli::max_body`].
     pub max_body: u64,
     /// See [`Cli::max_output`].
@@ -618,6 +629,7 @@ impl Config {
                 .max(1),
             header_timeout: cli.header_timeout.max(Duration::from_millis(100)),
             max_event_streams: cli.max_event_streams.max(1),
+            max_event_streams_per_owner: cli.max_event_streams_per_owner.max(1),
             max_body: cli.max_body,
             max_output: cli.max_output,
             max_image_bytes: cli.max_image_bytes,

@@ -771,3 +771,53 @@ fn a_jwt_key_allows_a_public_listen_address() {
     let line = first_line(child.stdout.take().unwrap(), T);
     assert!(line.starts_with("agentgate listening on "), "{line:?}");
 }
+
+/// `--max-event-streams-per-owner`: one owner's streams past the cap get 429;
+/// other owners and the operator still open theirs; a closed stream gives
+/// its place back.
+#[tokio::test]
+async fn each_owner_has_its_own_share_of_event_streams() {
+    let gw = gateway(|c| {
+        c.max_event_streams_per_owner = 2;
+        // A closed stream is noticed at its next write: heartbeat often.
+        c.heartbeat = Duration::from_millis(50);
+    })
+    .await;
+    let alice = user("alice");
+    let bob = user("bob");
+    let a = create(&gw, &alice, json!({"agent": "sed"})).await;
+    let a = a["id"].as_str().unwrap().to_string();
+    let b = create(&gw, &bob, json!({"agent": "sed"})).await;
+    let b = b["id"].as_str().unwrap().to_string();
+    let events = |id: &str| format!("/sessions/{id}/events");
+    let first = call(&gw, "GET", &events(&a), &alice, None).await;
+    assert_eq!(first.status(), 200);
+    let second = call(&gw, "GET", &events(&a), &alice, None).await;
+    assert_eq!(second.status(), 200);
+    let res = call(&gw, "GET", &events(&a), &alice, None).await;
+    let problem = assert_problem(res, 429).await;
+    assert!(problem["detail"]
+        .as_str()
+        .unwrap()
+        .contains("--max-event-streams-per-owner"));
+    let theirs = call(&gw, "GET", &events(&b), &bob, None).await;
+    assert_eq!(theirs.status(), 200);
+    let operator = call(&gw, "GET", &events(&a), OPERATOR, None).await;
+    assert_eq!(operator.status(), 200);
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let again = loop {
+        let res = call(&gw, "GET", &events(&a), &alice, None).await;
+        if res.status() == 200 {
+            break res;
+        }
+        assert_eq!(res.status(), 429);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a closed stream never gave its place back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    drop((again, second, theirs, operator));
+    gw.stop().await;
+}

@@ -611,7 +611,8 @@ pub async fn events(
 ) -> Response {
     answer(
         async {
-            let located = state.registry.locate(&id, &caller?, false).await?;
+            let caller = caller?;
+            let located = state.registry.locate(&id, &caller, false).await?;
             let q = query(&raw_query)?;
             let after = match last_event_id {
                 Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
@@ -619,8 +620,10 @@ pub async fn events(
                 })?),
                 None => query_u64(&q, "after")?,
             };
+            let owner = owner_stream_place(&state, &caller)?;
             let permit = stream_permit(&state)?;
-            let guard = Some(Arc::new((state.registry.metrics.stream_opened(), permit)) as Arc<_>);
+            let guard =
+                Some(Arc::new((state.registry.metrics.stream_opened(), permit, owner)) as Arc<_>);
             let heartbeat = state.registry.config.heartbeat;
             let after = after.unwrap_or(0);
             // Cluster mode: every node streams the session from the store, so
@@ -753,9 +756,50 @@ async fn send_elsewhere(
     ))
 }
 
-/// A place among the open event streams (`--max-event-streams`), or 429.
-/// The cap is global, all owners together: a share per owner is not built
-/// yet (`--max-sessions-per-owner` bounds what one owner can open).
+/// One of an owner's places among the open event streams, given back when
+/// the stream ends.
+#[derive(Debug)]
+struct OwnerStream {
+    streams: Arc<dashmap::DashMap<String, usize>>,
+    owner: String,
+}
+
+impl Drop for OwnerStream {
+    fn drop(&mut self) {
+        self.streams.remove_if_mut(&self.owner, |_, n| {
+            *n -= 1;
+            *n == 0
+        });
+    }
+}
+
+/// A place among `caller`'s open event streams
+/// (`--max-event-streams-per-owner`), or 429; operators have no share of
+/// their own (only the global cap applies to them).
+fn owner_stream_place(state: &AppState, caller: &Caller) -> Result<Option<OwnerStream>, ApiError> {
+    let Some(owner) = caller.sub() else {
+        return Ok(None);
+    };
+    let max = state.registry.config.max_event_streams_per_owner;
+    let mut n = state.owner_streams.entry(owner.to_string()).or_insert(0);
+    if *n >= max {
+        return Err(ApiError::TooManyRequests {
+            detail: format!(
+                "this owner has {max} event streams open (--max-event-streams-per-owner); close one or retry later"
+            ),
+            retry_after: std::time::Duration::from_secs(5),
+        });
+    }
+    *n += 1;
+    Ok(Some(OwnerStream {
+        streams: state.owner_streams.clone(),
+        owner: owner.to_string(),
+    }))
+}
+
+/// A place among the open event streams (`--max-event-streams`), or 429:
+/// all clients together (each owner also has its own share,
+/// [`owner_stream_place`]).
 fn stream_permit(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
     state
         .event_streams

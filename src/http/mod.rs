@@ -39,6 +39,8 @@ pub struct AppState {
     /// One permit per open event stream (`--max-event-streams`): each holds a
     /// connection and a subscriber slot for as long as the client likes.
     pub event_streams: Arc<tokio::sync::Semaphore>,
+    /// Open event streams per JWT owner (`--max-event-streams-per-owner`).
+    pub owner_streams: Arc<dashmap::DashMap<String, usize>>,
 }
 
 impl AppState {
@@ -53,6 +55,7 @@ impl AppState {
             shutdown,
             oneshots,
             event_streams,
+            owner_streams: Default::default(),
         }
     }
 }
