@@ -1,0 +1,130 @@
+//! Closing a session (deleted, expired, failed, shutdown, or leaving this
+//! node) and writing its messages and record to the store.
+
+use super::*;
+
+impl Actor {
+    pub(super) async fn close(&mut self, reason: CloseReason) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        if reason == CloseReason::Detached {
+            // The session goes on elsewhere: end the child at once and leave
+            // every record as it is (the next holder reads the store).
+            if let Some(run) = self.fallback.take() {
+                run.task.abort();
+            }
+            self.child_gone_updates();
+            if let Some(child) = self.child.take() {
+                let pid = child.proc.pid();
+                let _ = child.proc.stop(Duration::ZERO).await;
+                self.registry.child_stopped();
+                self.registry.child_gone(self.shared.id, pid);
+            }
+            if let Some(rx) = self.stopping.take() {
+                let _ = rx.await;
+            }
+            self.shared.log.close();
+            self.shared.finished.send_modify(|n| *n += 1);
+            tracing::info!(session_id = %self.shared.id, "session left this node");
+            return;
+        }
+        let detail = match reason {
+            CloseReason::Deleted => "the session was deleted",
+            CloseReason::Expired => "the session expired",
+            CloseReason::Shutdown => "the gateway is shutting down",
+            CloseReason::Failed => {
+                "the session was closed: the agent kept exiting (restart budget spent)"
+            }
+            CloseReason::Detached => unreachable!("handled above"),
+        };
+        if let Some(run) = self.fallback.take() {
+            run.task.abort();
+        }
+        if self.current.is_some() {
+            self.finish(Err((FailureCode::Shutdown, detail.to_string())), None)
+                .await;
+            // `finish` keeps a stop reason if one was pending; a close overrides nothing else.
+        }
+        while let Some(q) = self.queue.pop_front() {
+            self.fail_unstarted(q.id, FailureCode::Shutdown, detail)
+                .await;
+        }
+        self.sync_queued();
+        self.stop_child().await;
+        if let Some(rx) = self.stopping.take() {
+            let _ = rx.await;
+        }
+        let label = match reason {
+            CloseReason::Deleted => "deleted",
+            CloseReason::Expired => "expired",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Failed => "failed",
+            CloseReason::Detached => unreachable!("handled above"),
+        };
+        if reason == CloseReason::Shutdown && self.registry.store.is_durable() {
+            // The session outlives this gateway: open streams end with it
+            // suspended, and an EventSource reconnects to the next gateway.
+            self.set_state(SessionState::Suspended, Some("shutdown"));
+            self.shared.log.close();
+            self.shared.finished.send_modify(|n| *n += 1);
+            tracing::info!(session_id = %self.shared.id, "session suspended for shutdown; kept in the store");
+            return;
+        }
+        if matches!(reason, CloseReason::Expired | CloseReason::Failed)
+            && self.registry.store.is_durable()
+        {
+            // A final state is stored before it is published.
+            if let Err(e) = self
+                .registry
+                .store
+                .save_session(&self.shared.record(Some(label)))
+                .await
+            {
+                tracing::error!(session_id = %self.shared.id, error = %e, "cannot store the closed session");
+            }
+        }
+        self.set_state(SessionState::Closed, Some(label));
+        self.registry.metrics.session_closed(label);
+        self.publish("session.closed", None, json!({"reason": reason}));
+        self.shared.log.close();
+        self.shared.finished.send_modify(|n| *n += 1);
+        tracing::info!(session_id = %self.shared.id, ?reason, "session closed");
+    }
+
+    /// Writes message `id` as it stands to the store (nothing for `memory`).
+    pub(super) fn persist_message(
+        &self,
+        id: Uuid,
+    ) -> impl std::future::Future<Output = Result<(), crate::store::StoreError>> + Send + 'static
+    {
+        // Owned pieces only: the future must not borrow the (non-Sync) actor.
+        let store = self.registry.store.clone();
+        let found = store
+            .is_durable()
+            .then(|| self.shared.message_at(id))
+            .flatten();
+        async move {
+            match found {
+                Some((ord, m)) => store.save_message(ord, &m).await,
+                None => Ok(()),
+            }
+        }
+    }
+
+    /// Writes the session's record to the store in the background (a new
+    /// `agent_session_id`).
+    pub(super) fn persist_session(&self, closed: Option<&str>) {
+        let store = self.registry.store.clone();
+        if !store.is_durable() {
+            return;
+        }
+        let record = self.shared.record(closed);
+        tokio::spawn(async move {
+            if let Err(e) = store.save_session(&record).await {
+                tracing::error!(session_id = %record.id, error = %e, "cannot store the session");
+            }
+        });
+    }
+}
