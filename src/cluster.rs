@@ -230,11 +230,20 @@ async fn renew_leases(
     match registry.store.renew(cluster.ttl).await {
         Ok(kept) => {
             *last_renewed = tokio::time::Instant::now();
-            for id in held.into_iter().filter(|id| !kept.contains(id)) {
-                // Taken between our `held` and the renewal, or released meanwhile.
-                if !registry.store.holds(id) {
-                    continue;
+            // Not renewed: taken by another node (a lease released meanwhile
+            // is no longer held and was not taken).
+            let mut lost: Vec<Uuid> = held
+                .into_iter()
+                .filter(|id| !kept.contains(id) && registry.store.holds(*id))
+                .collect();
+            // A session still here whose lease a refused (fenced) write
+            // already dropped.
+            for h in registry.list() {
+                if !registry.store.holds(h.id()) && !lost.contains(&h.id()) {
+                    lost.push(h.id());
                 }
+            }
+            for id in lost {
                 tracing::warn!(session_id = %id, node = %cluster.node, "lease lost to another node: ending the child here");
                 registry.metrics.lease_lost();
                 registry.detach(id, true).await;

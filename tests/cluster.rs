@@ -347,17 +347,22 @@ async fn without_affinity_every_node_gives_the_same_answers_and_ids() {
     }
     // A session deleted through one node ends the streams of every node.
     let id = &sessions[0];
-    let streams: Vec<_> = nodes
-        .iter()
-        .map(|n| {
-            let http = http.clone();
-            let url = format!("{}/sessions/{id}/events?after={}", n.base, u64::MAX / 2);
-            tokio::spawn(async move {
-                let res = http.get(url).send().await.unwrap();
-                read_sse(res, T, |i| i.event.as_deref() == Some("session.closed")).await
-            })
-        })
-        .collect();
+    let mut streams = Vec::new();
+    for n in &nodes {
+        // Open (headers received) before the DELETE below.
+        let res = http
+            .get(format!(
+                "{}/sessions/{id}/events?after={}",
+                n.base,
+                u64::MAX / 2
+            ))
+            .send()
+            .await
+            .unwrap();
+        streams.push(tokio::spawn(read_sse(res, T, |i| {
+            i.event.as_deref() == Some("session.closed")
+        })));
+    }
     let res = http
         .delete(format!("{base}/sessions/{id}"))
         .send()

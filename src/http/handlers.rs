@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
-use serde_json::json;
 use tracing::Instrument;
 use uuid::Uuid;
 use warp::http::header::{HeaderValue, LOCATION};
@@ -24,7 +23,7 @@ use crate::model::{
     Agent, AgentList, CreateSession, FailureCode, ForkSession, Health, MessageList, MessageStatus,
     OneshotRequest, OneshotResponse, PermissionDecision, SendMessage, SessionList, UpdateSession,
 };
-use crate::session::{EventLog, Located, Remote};
+use crate::session::{Event, EventLog, Located, Remote};
 
 /// The OpenAPI document the server implements.
 pub const OPENAPI: &str = include_str!("../../openapi.yaml");
@@ -830,96 +829,142 @@ pub async fn oneshot(
     accept: Option<String>,
     body: Result<Bytes, ApiError>,
 ) -> Response {
-    answer(async {
-        let caller = caller?;
-        let req: OneshotRequest = parse_json(body, false)?.expect("required body");
-        if state.registry.is_shutting_down() {
-            return Err(ApiError::Unavailable("the gateway is shutting down".into()));
-        }
-        let registry = &state.registry;
-        let profile = registry.profile(req.agent.as_deref())?;
-        caller.check_agent(&profile.name)?;
-        let cwd = registry.oneshot_cwd(&profile, &caller)?;
-        // Held by the run's task: released when it ends, is aborted or its client leaves.
-        let permit = state.oneshots.clone().try_acquire_owned().map_err(|_| {
-            ApiError::Unavailable(format!(
-                "{} one-shot runs are already running (--max-oneshot); retry later",
-                registry.config.max_oneshot
-            ))
-        })?;
-        let timeout = timeout_of(req.timeout_ms)?.unwrap_or(profile.timeout);
-        let config = registry.config.clone();
-        let log = EventLog::new(config.replay_events, config.replay_bytes);
-        let mid = Uuid::new_v4();
-        let task_log = log.clone();
-        let task_profile = profile.clone();
-        let task_registry = state.registry.clone();
-        let span = tracing::info_span!("oneshot", message_id = %mid, agent = %profile.name);
-        let task = tokio::spawn(async move {
-            let _permit = permit;
-            let log = task_log;
-            log.publish("message.started", Some(mid), &json!({"message_id": mid}));
-            let argv = task_profile.oneshot_argv(None);
-            let result = crate::oneshot::run(&task_profile, argv, cwd, &req.content, timeout, config.max_output, |signal| {
-                use crate::protocol::Signal;
-                match signal {
-                    Signal::Delta(text) => {
-                        log.publish("message.delta", Some(mid), &json!({"message_id": mid, "text": text}));
+    answer(
+        async {
+            let caller = caller?;
+            let req: OneshotRequest = parse_json(body, false)?.expect("required body");
+            if state.registry.is_shutting_down() {
+                return Err(ApiError::Unavailable("the gateway is shutting down".into()));
+            }
+            let registry = &state.registry;
+            let profile = registry.profile(req.agent.as_deref())?;
+            caller.check_agent(&profile.name)?;
+            let cwd = registry.oneshot_cwd(&profile, &caller)?;
+            // Held by the run's task: released when it ends, is aborted or its client leaves.
+            let permit = state.oneshots.clone().try_acquire_owned().map_err(|_| {
+                ApiError::Unavailable(format!(
+                    "{} one-shot runs are already running (--max-oneshot); retry later",
+                    registry.config.max_oneshot
+                ))
+            })?;
+            let timeout = timeout_of(req.timeout_ms)?.unwrap_or(profile.timeout);
+            let config = registry.config.clone();
+            let log = EventLog::new(config.replay_events, config.replay_bytes);
+            let mid = Uuid::new_v4();
+            let task_log = log.clone();
+            let task_profile = profile.clone();
+            let task_registry = state.registry.clone();
+            let span = tracing::info_span!("oneshot", message_id = %mid, agent = %profile.name);
+            let task = tokio::spawn(
+                async move {
+                    let _permit = permit;
+                    let log = task_log;
+                    log.publish(&Event::MessageStarted {
+                        fallback: false,
+                        message_id: mid,
+                    });
+                    let argv = task_profile.oneshot_argv(None);
+                    let result = crate::oneshot::run(
+                        &task_profile,
+                        argv,
+                        cwd,
+                        &req.content,
+                        timeout,
+                        config.max_output,
+                        |signal| {
+                            use crate::protocol::Signal;
+                            match signal {
+                                Signal::Delta(text) => {
+                                    log.publish(&Event::MessageDelta {
+                                        message_id: mid,
+                                        text,
+                                    });
+                                }
+                                Signal::AgentEvent(event) => {
+                                    log.publish(&Event::MessageAgentEvent {
+                                        event,
+                                        message_id: Some(mid),
+                                    });
+                                }
+                                _ => {}
+                            }
+                        },
+                    )
+                    .await;
+                    let metrics = &task_registry.metrics;
+                    let spawn_failed = result
+                        .error
+                        .as_ref()
+                        .is_some_and(|e| e.code == crate::model::FailureCode::SpawnFailed);
+                    metrics.spawned(crate::metrics::SpawnKind::Oneshot, !spawn_failed);
+                    metrics.oneshot_finished(result.error.as_ref().map(|e| e.code));
+                    match &result.error {
+                        None => log.publish(&Event::MessageCompleted {
+                            duration_ms: result.duration.as_millis() as u64,
+                            exit_code: Some(result.exit_code),
+                            fallback: false,
+                            message_id: mid,
+                            output: &result.output,
+                            usage: Some(result.usage.as_ref()),
+                        }),
+                        Some(error) => log.publish(&Event::MessageFailed {
+                            error,
+                            message_id: mid,
+                        }),
+                    };
+                    log.close();
+                    result
+                }
+                .instrument(span),
+            );
+            let abort = AbortOnDrop(task.abort_handle());
+            if wants_sse(&accept) {
+                let sub = log.subscribe(0);
+                let guard: Arc<dyn Send + Sync> =
+                    Arc::new((abort, state.registry.metrics.stream_opened()));
+                return Ok(sse::response(
+                    sub,
+                    Scope::Message(mid),
+                    state.registry.config.heartbeat,
+                    state.shutdown.clone(),
+                    Some(guard),
+                ));
+            }
+            let result = task
+                .await
+                .map_err(|e| ApiError::Internal(format!("oneshot task: {e}")))?;
+            drop(abort);
+            if let Some(err) = &result.error {
+                use crate::model::FailureCode;
+                match err.code {
+                    FailureCode::SpawnFailed => {
+                        return Err(ApiError::SpawnFailed(err.detail.clone()))
                     }
-                    Signal::AgentEvent(event) => {
-                        log.publish("message.agent_event", Some(mid), &json!({"message_id": mid, "event": event}));
-                    }
+                    FailureCode::Timeout => return Err(ApiError::Timeout(err.detail.clone())),
                     _ => {}
                 }
-            })
-            .await;
-            let metrics = &task_registry.metrics;
-            let spawn_failed = result.error.as_ref().is_some_and(|e| e.code == crate::model::FailureCode::SpawnFailed);
-            metrics.spawned(crate::metrics::SpawnKind::Oneshot, !spawn_failed);
-            metrics.oneshot_finished(result.error.as_ref().map(|e| e.code));
-            match &result.error {
-                None => log.publish(
-                    "message.completed",
-                    Some(mid),
-                    &json!({"message_id": mid, "output": result.output, "duration_ms": result.duration.as_millis() as u64, "usage": result.usage, "fallback": false, "exit_code": result.exit_code}),
-                ),
-                Some(error) => log.publish("message.failed", Some(mid), &json!({"message_id": mid, "error": error})),
-            };
-            log.close();
-            result
-        }.instrument(span));
-        let abort = AbortOnDrop(task.abort_handle());
-        if wants_sse(&accept) {
-            let sub = log.subscribe(0);
-            let guard: Arc<dyn Send + Sync> = Arc::new((abort, state.registry.metrics.stream_opened()));
-            return Ok(sse::response(sub, Scope::Message(mid), state.registry.config.heartbeat, state.shutdown.clone(), Some(guard)));
-        }
-        let result = task.await.map_err(|e| ApiError::Internal(format!("oneshot task: {e}")))?;
-        drop(abort);
-        if let Some(err) = &result.error {
-            use crate::model::FailureCode;
-            match err.code {
-                FailureCode::SpawnFailed => return Err(ApiError::SpawnFailed(err.detail.clone())),
-                FailureCode::Timeout => return Err(ApiError::Timeout(err.detail.clone())),
-                _ => {}
             }
+            Ok(json_response(
+                StatusCode::OK,
+                &OneshotResponse {
+                    agent: profile.name.clone(),
+                    output: result.output,
+                    exit_code: result.exit_code,
+                    duration_ms: result.duration.as_millis() as u64,
+                    status: if result.error.is_none() {
+                        MessageStatus::Completed
+                    } else {
+                        MessageStatus::Failed
+                    },
+                    error: result.error,
+                    stderr: result.stderr,
+                    usage: result.usage,
+                    agent_session_id: result.agent_session_id,
+                },
+            ))
         }
-        Ok(json_response(
-            StatusCode::OK,
-            &OneshotResponse {
-                agent: profile.name.clone(),
-                output: result.output,
-                exit_code: result.exit_code,
-                duration_ms: result.duration.as_millis() as u64,
-                status: if result.error.is_none() { MessageStatus::Completed } else { MessageStatus::Failed },
-                error: result.error,
-                stderr: result.stderr,
-                usage: result.usage,
-                agent_session_id: result.agent_session_id,
-            },
-        ))
-    }
-    .await)
+        .await,
+    )
 }
 
 #[cfg(test)]

@@ -188,7 +188,7 @@ pub fn response(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::EventLog;
+    use crate::session::{Event as Published, EventLog};
     use serde_json::json;
     use warp::sse::Event;
 
@@ -196,11 +196,10 @@ mod tests {
     #[test]
     fn frames_match_warp_sse() {
         let log = EventLog::new(10, 1 << 20);
-        log.publish(
-            "message.delta",
-            None,
-            &json!({"message_id": 1, "text": "a\nb é"}),
-        );
+        log.publish(&Published::MessageDelta {
+            message_id: Uuid::nil(),
+            text: "a\nb é",
+        });
         let mut sub = log.subscribe(0);
         let Some(Some(Item::Event(e))) = sub.next().now_or_never() else {
             panic!()
@@ -246,12 +245,26 @@ mod tests {
             _guard: None,
         };
         assert_eq!(next(&mut stream).await.as_deref(), Some(HEARTBEAT));
-        log.publish("session.state", None, &json!({"state": "busy"}));
-        log.publish("message.delta", Some(id), &json!({"text": "x"}));
+        log.publish(&Published::SessionState {
+            pid: None,
+            reason: None,
+            state: crate::model::SessionState::Busy,
+        });
+        log.publish(&Published::MessageDelta {
+            message_id: id,
+            text: "x",
+        });
         let frame = next(&mut stream).await.expect("the delta");
         assert!(frame.starts_with(b"event:message.delta\n"), "{frame:?}");
         assert_eq!(next(&mut stream).await.as_deref(), Some(HEARTBEAT));
-        log.publish("message.completed", Some(id), &json!({}));
+        log.publish(&Published::MessageCompleted {
+            duration_ms: 1,
+            exit_code: None,
+            fallback: false,
+            message_id: id,
+            output: "x",
+            usage: None,
+        });
         let frame = next(&mut stream).await.expect("the completion");
         assert!(frame.starts_with(b"event:message.completed\n"));
         assert_eq!(next(&mut stream).await, None);

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal as Sig;
-use serde_json::{json, Value};
+use serde_json::Value;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -26,7 +26,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::prewarm::spawn_spec;
-use super::{CloseReason, Command, Registry, SessionShared};
+use super::{CloseReason, Command, Event, Registry, SessionShared};
 use crate::content::Content;
 use crate::error::ApiError;
 use crate::model::{
@@ -238,8 +238,8 @@ impl Actor {
         s.last_activity_at = OffsetDateTime::now_utc();
     }
 
-    fn publish(&self, name: &'static str, message_id: Option<Uuid>, data: Value) {
-        self.shared.log.publish(name, message_id, &data);
+    fn publish(&self, event: Event) {
+        self.shared.log.publish(&event);
     }
 
     fn set_state(&self, state: SessionState, reason: Option<&str>) {
@@ -252,15 +252,8 @@ impl Actor {
             s.state = state;
             s.pid = pid;
         }
-        let mut data = json!({ "state": state });
-        if let Some(pid) = pid {
-            data["pid"] = json!(pid);
-        }
-        if let Some(reason) = reason {
-            data["reason"] = json!(reason);
-        }
         tracing::debug!(session_id = %self.shared.id, ?state, ?reason, "state");
-        self.publish("session.state", None, data);
+        self.publish(Event::SessionState { pid, reason, state });
         if state == SessionState::Idle && pid.is_some() {
             self.registry.child_idle();
         }
@@ -315,11 +308,10 @@ impl Actor {
                         result = Err(ApiError::Unavailable(e.to_string()));
                     } else {
                         let position = self.queue.len() - 1 + usize::from(self.current.is_some());
-                        self.publish(
-                            "message.queued",
-                            Some(m.id),
-                            json!({"message_id": m.id, "position": position}),
-                        );
+                        self.publish(Event::MessageQueued {
+                            message_id: m.id,
+                            position,
+                        });
                     }
                 }
                 let id = result.as_ref().ok().map(|m| m.id);

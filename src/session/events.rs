@@ -18,6 +18,131 @@ use serde::Serialize;
 use tokio::sync::watch;
 use uuid::Uuid;
 
+/// Every event a session (or a one-shot run) publishes. The SSE `event:`
+/// name is [`Event::name`]; the `data:` JSON is the variant's fields, as
+/// `openapi.yaml` describes each event (fields in alphabetical order, as
+/// they always were; absent ones left out where the spec says optional).
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Event<'a> {
+    /// `session.state`.
+    SessionState {
+        /// The child's pid, if one runs.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+        /// Why (`idle`, `restarted`, `shutdown`, `max_children`, …).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
+        /// The new state.
+        state: crate::model::SessionState,
+    },
+    /// `message.queued`.
+    MessageQueued {
+        /// The message.
+        message_id: Uuid,
+        /// Messages ahead of it (the running one included).
+        position: usize,
+    },
+    /// `message.started`.
+    MessageStarted {
+        /// Present (true) when the message runs through the one-shot command.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        fallback: bool,
+        /// The message.
+        message_id: Uuid,
+    },
+    /// `message.delta`.
+    MessageDelta {
+        /// The message.
+        message_id: Uuid,
+        /// Reply text as it arrived.
+        text: &'a str,
+    },
+    /// `message.agent_event`.
+    MessageAgentEvent {
+        /// The agent's own event, as it sent it.
+        event: &'a serde_json::Value,
+        /// The running message, if any.
+        message_id: Option<Uuid>,
+    },
+    /// `message.permission_request`.
+    MessagePermissionRequest {
+        /// What the tool would do.
+        input: &'a serde_json::Value,
+        /// The running message, if any.
+        message_id: Option<Uuid>,
+        /// The agent's own choices (ACP), when it gives some.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        options: Option<&'a serde_json::Value>,
+        /// The id to answer.
+        request_id: &'a str,
+        /// The tool asking.
+        tool_name: &'a str,
+    },
+    /// `message.completed`.
+    MessageCompleted {
+        /// How long the reply took.
+        duration_ms: u64,
+        /// One-shot runs (`POST /oneshot`) only: the command's exit code
+        /// (null when a signal ended it).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exit_code: Option<Option<i32>>,
+        /// Whether the message ran through the one-shot command.
+        fallback: bool,
+        /// The message.
+        message_id: Uuid,
+        /// The whole reply.
+        output: &'a str,
+        /// Token usage and cost: a session's message has it when the agent
+        /// reported some; a one-shot run always (null without a report).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        usage: Option<Option<&'a serde_json::Value>>,
+    },
+    /// `message.failed`.
+    MessageFailed {
+        /// Why.
+        error: &'a crate::model::MessageError,
+        /// The message.
+        message_id: Uuid,
+    },
+    /// `session.closed`.
+    SessionClosed {
+        /// Why.
+        reason: super::CloseReason,
+    },
+}
+
+impl Event<'_> {
+    /// The SSE `event:` name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::SessionState { .. } => "session.state",
+            Event::MessageQueued { .. } => "message.queued",
+            Event::MessageStarted { .. } => "message.started",
+            Event::MessageDelta { .. } => "message.delta",
+            Event::MessageAgentEvent { .. } => "message.agent_event",
+            Event::MessagePermissionRequest { .. } => "message.permission_request",
+            Event::MessageCompleted { .. } => "message.completed",
+            Event::MessageFailed { .. } => "message.failed",
+            Event::SessionClosed { .. } => "session.closed",
+        }
+    }
+
+    /// The message it belongs to.
+    pub fn message_id(&self) -> Option<Uuid> {
+        match self {
+            Event::SessionState { .. } | Event::SessionClosed { .. } => None,
+            Event::MessageQueued { message_id, .. }
+            | Event::MessageStarted { message_id, .. }
+            | Event::MessageDelta { message_id, .. }
+            | Event::MessageCompleted { message_id, .. }
+            | Event::MessageFailed { message_id, .. } => Some(*message_id),
+            Event::MessageAgentEvent { message_id, .. }
+            | Event::MessagePermissionRequest { message_id, .. } => *message_id,
+        }
+    }
+}
+
 /// One published event.
 #[derive(Debug)]
 pub struct StoredEvent {
@@ -154,7 +279,13 @@ impl EventLog {
     }
 
     /// Appends an event and wakes subscribers; returns its sequence id.
-    pub fn publish(
+    pub fn publish(&self, event: &Event) -> u64 {
+        self.publish_as(event.name(), event.message_id(), event)
+    }
+
+    /// Publishes `data` as an event named `name` (the log's own tests use
+    /// any name; the gateway publishes [`Event`]s only).
+    fn publish_as(
         &self,
         name: &'static str,
         message_id: Option<Uuid>,
@@ -351,14 +482,14 @@ mod tests {
     #[tokio::test]
     async fn replays_then_follows_live() {
         let log = EventLog::new(100, 1 << 20);
-        log.publish("a", None, &json!({"n": 1}));
+        log.publish_as("a", None, &json!({"n": 1}));
         let mut sub = log.subscribe(0);
         let Some(Item::Event(e)) = sub.next().await else {
             panic!()
         };
         assert_eq!((e.seq, e.name), (1, "a"));
         let log2 = log.clone();
-        tokio::spawn(async move { log2.publish("b", None, &json!({})) });
+        tokio::spawn(async move { log2.publish_as("b", None, &json!({})) });
         let Some(Item::Event(e)) = sub.next().await else {
             panic!()
         };
@@ -370,7 +501,7 @@ mod tests {
     #[test]
     fn the_frame_is_built_once_in_sse_form() {
         let log = EventLog::new(100, 1 << 20);
-        log.publish("message.delta", None, &json!({"text": "a\nb"}));
+        log.publish_as("message.delta", None, &json!({"text": "a\nb"}));
         let mut sub = log.subscribe(0);
         let Some(Some(Item::Event(e))) = futures::FutureExt::now_or_never(sub.next()) else {
             panic!()
@@ -391,7 +522,7 @@ mod tests {
     async fn overflow_is_reported_as_a_gap() {
         let log = EventLog::new(3, 1 << 20);
         for i in 0..10 {
-            log.publish("e", None, &json!({"i": i}));
+            log.publish_as("e", None, &json!({"i": i}));
         }
         let mut sub = log.subscribe(2);
         match sub.next().await {
@@ -417,15 +548,15 @@ mod tests {
             .map(|seq| (seq, "e".to_string(), None, "{}".to_string()))
             .collect();
         let log = EventLog::restore(100, 1 << 20, stored, 10_001);
-        log.publish("e", None, &json!({}));
-        log.publish("e", None, &json!({}));
+        log.publish_as("e", None, &json!({}));
+        log.publish_as("e", None, &json!({}));
         // A reader that has seen 10001 (past the jump) gets 10002, then live ones.
         let mut sub = log.subscribe(10_001);
         let Some(Item::Event(e)) = next(&mut sub).await else {
             panic!()
         };
         assert_eq!(e.seq, 10_002);
-        log.publish("e", None, &json!({}));
+        log.publish_as("e", None, &json!({}));
         let Some(Item::Event(e)) = next(&mut sub).await else {
             panic!()
         };
@@ -442,7 +573,7 @@ mod tests {
     async fn byte_budget_bounds_the_ring() {
         let log = EventLog::new(1000, 100);
         for _ in 0..50 {
-            log.publish("e", None, &"x".repeat(30));
+            log.publish_as("e", None, &"x".repeat(30));
         }
         let mut sub = log.subscribe(0);
         assert!(matches!(sub.next().await, Some(Item::Gap { from: 1, .. })));

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-pub use events::{EventLog, Item, StoredEvent, Subscription};
+pub use events::{Event, EventLog, Item, StoredEvent, Subscription};
 pub use registry::{Located, Registry, Remote};
 
 use crate::config::AgentProfile;

@@ -486,17 +486,18 @@ impl Registry {
             );
             super::persist::spawn_writer(self.store.clone(), id, &log, new_ceiling);
             for m in &lost {
-                log.publish(
-                    "message.failed",
-                    Some(m.id),
-                    &serde_json::json!({"message_id": m.id, "error": m.error}),
-                );
+                if let Some(error) = &m.error {
+                    log.publish(&crate::session::Event::MessageFailed {
+                        error,
+                        message_id: m.id,
+                    });
+                }
             }
-            log.publish(
-                "session.state",
-                None,
-                &serde_json::json!({"state": SessionState::Suspended, "reason": "restarted"}),
-            );
+            log.publish(&crate::session::Event::SessionState {
+                pid: None,
+                reason: Some("restarted"),
+                state: SessionState::Suspended,
+            });
             self.reserved.fetch_add(1, Ordering::SeqCst);
             if let Some(owner) = &record.owner {
                 // Restored sessions count, even past a limit lowered since.

@@ -87,7 +87,7 @@ impl Actor {
         }
         self.set_state(SessionState::Closed, Some(label));
         self.registry.metrics.session_closed(label);
-        self.publish("session.closed", None, json!({"reason": reason}));
+        self.publish(Event::SessionClosed { reason });
         self.shared.log.close();
         self.shared.finished.send_modify(|n| *n += 1);
         tracing::info!(session_id = %self.shared.id, ?reason, "session closed");

@@ -43,11 +43,10 @@ impl Actor {
             m.started_at = Some(OffsetDateTime::now_utc());
             m.fallback = true;
         });
-        self.publish(
-            "message.started",
-            Some(q.id),
-            json!({"message_id": q.id, "fallback": true}),
-        );
+        self.publish(Event::MessageStarted {
+            fallback: true,
+            message_id: q.id,
+        });
         self.set_state(SessionState::Busy, None);
     }
 

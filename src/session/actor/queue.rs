@@ -150,7 +150,10 @@ impl Actor {
                 m.started_at = Some(OffsetDateTime::now_utc());
             });
             tracing::debug!(session_id = %self.shared.id, message_id = %q.id, "message started");
-            self.publish("message.started", Some(q.id), json!({"message_id": q.id}));
+            self.publish(Event::MessageStarted {
+                fallback: false,
+                message_id: q.id,
+            });
             self.set_state(SessionState::Busy, None);
             return;
         }

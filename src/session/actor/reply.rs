@@ -94,19 +94,17 @@ impl Actor {
                     let id = cur.id;
                     // `GET …/messages/{mid}` shows the reply so far.
                     self.update_message(id, |m| m.output.push_str(&text));
-                    self.publish(
-                        "message.delta",
-                        Some(id),
-                        json!({"message_id": id, "text": text}),
-                    );
+                    self.publish(Event::MessageDelta {
+                        message_id: id,
+                        text: &text,
+                    });
                 }
                 Signal::AgentEvent(event) => {
                     let id = self.current.as_ref().map(|c| c.id);
-                    self.publish(
-                        "message.agent_event",
-                        id,
-                        json!({"message_id": id, "event": event}),
-                    );
+                    self.publish(Event::MessageAgentEvent {
+                        event: &event,
+                        message_id: id,
+                    });
                 }
                 Signal::AgentSessionId(id) => self.set_agent_session_id(id),
                 Signal::ControlResponse { request_id, error } => {
@@ -127,11 +125,13 @@ impl Actor {
                             deadline,
                         },
                     );
-                    let mut data = json!({"message_id": id, "request_id": request_id, "tool_name": tool_name, "input": input});
-                    if let Some(options) = options {
-                        data["options"] = options;
-                    }
-                    self.publish("message.permission_request", id, data);
+                    self.publish(Event::MessagePermissionRequest {
+                        input: &input,
+                        message_id: id,
+                        options: options.as_ref(),
+                        request_id: &request_id,
+                        tool_name: &tool_name,
+                    });
                 }
                 Signal::PermissionCancelled(request_id) => {
                     self.permissions.remove(&request_id);
@@ -252,18 +252,20 @@ impl Actor {
         }
         match error {
             None => {
-                let mut data = json!({"message_id": cur.id, "output": output, "duration_ms": duration_ms, "fallback": cur.fallback});
-                if let Some(usage) = usage {
-                    data["usage"] = usage;
-                }
-                self.publish("message.completed", Some(cur.id), data);
+                self.publish(Event::MessageCompleted {
+                    duration_ms,
+                    exit_code: None,
+                    fallback: cur.fallback,
+                    message_id: cur.id,
+                    output: &output,
+                    usage: usage.as_ref().map(Some),
+                });
             }
             Some(error) => {
-                self.publish(
-                    "message.failed",
-                    Some(cur.id),
-                    json!({"message_id": cur.id, "error": error}),
-                );
+                self.publish(Event::MessageFailed {
+                    error: &error,
+                    message_id: cur.id,
+                });
             }
         }
         self.permissions.clear();
@@ -289,11 +291,10 @@ impl Actor {
         if let Err(e) = self.persist_message(id).await {
             tracing::error!(session_id = %self.shared.id, message_id = %id, error = %e, "cannot store a failed message");
         }
-        self.publish(
-            "message.failed",
-            Some(id),
-            json!({"message_id": id, "error": error}),
-        );
+        self.publish(Event::MessageFailed {
+            error: &error,
+            message_id: id,
+        });
         self.shared.finished.send_modify(|n| *n += 1);
     }
 }

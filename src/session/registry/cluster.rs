@@ -229,17 +229,18 @@ impl Registry {
         );
         persist::spawn_writer(self.store.clone(), id, &log, new_ceiling);
         for m in &lost {
-            log.publish(
-                "message.failed",
-                Some(m.id),
-                &serde_json::json!({"message_id": m.id, "error": m.error}),
-            );
+            if let Some(error) = &m.error {
+                log.publish(&crate::session::Event::MessageFailed {
+                    error,
+                    message_id: m.id,
+                });
+            }
         }
-        log.publish(
-            "session.state",
-            None,
-            &serde_json::json!({"state": SessionState::Suspended, "reason": "restarted"}),
-        );
+        log.publish(&crate::session::Event::SessionState {
+            pid: None,
+            reason: Some("restarted"),
+            state: SessionState::Suspended,
+        });
         self.reserved.fetch_add(1, Ordering::SeqCst);
         if let Some(owner) = &record.owner {
             let _ = self.take_owner_place(owner, None);
