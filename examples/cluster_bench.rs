@@ -577,8 +577,17 @@ async fn closed_loop(base: &str, sessions: usize, secs: u64) -> Value {
         lat.extend(l);
     }
     let p = pcts(&lat);
+    // Each distinct failure once, with how often it came.
+    let mut distinct: Vec<(String, usize)> = Vec::new();
+    for f in &failed {
+        match distinct.iter_mut().find(|(d, _)| d == f) {
+            Some((_, n)) => *n += 1,
+            None => distinct.push((f.clone(), 1)),
+        }
+    }
+    let distinct: Vec<String> = distinct.iter().map(|(f, n)| format!("{n} × {f}")).collect();
     json!({
-        "completed": ok, "failed": failed.len(), "failures": failed.iter().take(5).collect::<Vec<_>>(),
+        "completed": ok, "failed": failed.len(), "failures": distinct,
         "secs": elapsed, "per_sec": ok as f64 / elapsed, "latency_ms": p,
     })
 }
@@ -620,7 +629,7 @@ async fn throughput(args: &Args, config: &Path, pg: &str) -> Value {
             r["failed"].as_u64().unwrap_or(0),
         );
         if r["failed"].as_u64().unwrap_or(0) > 0 {
-            println!("  failures (first 5): {}", r["failures"]);
+            println!("  failures: {}", r["failures"]);
         }
     }
     json!(cases
