@@ -151,6 +151,7 @@ impl Cluster {
                 .await
                 .map_err(|e| ApiError::Unavailable(e.to_string()))?;
             let mut deadline = tokio::time::Instant::now() + COMMAND_TIMEOUT;
+            let mut extended = false;
             loop {
                 let notified = woken.notified();
                 if let Some(reply) = store
@@ -163,12 +164,14 @@ impl Cluster {
                     return answer.into_result();
                 }
                 if tokio::time::Instant::now() >= deadline {
-                    if store.withdraw_command(id).await.unwrap_or(false) {
+                    let withdrawn = store.withdraw_command(id).await.unwrap_or(false);
+                    if withdrawn || extended {
                         return Err(ApiError::Unavailable(format!(
                             "node {node} holds session {session} but did not answer; retry shortly"
                         )));
                     }
-                    // Claimed: it runs; give it another while.
+                    // Claimed: it runs; give it one more while.
+                    extended = true;
                     deadline += COMMAND_TIMEOUT;
                 }
                 let _ = tokio::time::timeout(Duration::from_millis(250), notified).await;
@@ -187,19 +190,30 @@ pub async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
         return;
     };
     let listener = tokio::spawn(listen(registry.clone(), shutdown.clone()));
-    let mut renew = tokio::time::interval(cluster.ttl / 3);
-    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Renewal has a task of its own: no other work (a takeover, a slow
+    // inbox) may delay it past the TTL and lose leases for nothing.
+    let renewer = {
+        let registry = registry.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut renew = tokio::time::interval(cluster.ttl / 3);
+            renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_renewed = tokio::time::Instant::now();
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = renew.tick() => renew_leases(&registry, &cluster, &mut last_renewed).await,
+                }
+            }
+        })
+    };
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_renewed = tokio::time::Instant::now();
     let mut polls = 0u64;
     let cleaning = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = renew.tick() => {
-                renew_leases(&registry, &cluster, &mut last_renewed).await;
-            }
             _ = poll.tick() => {
                 tokio::spawn(run_commands(registry.clone()));
                 // Inboxes whose notification was missed.
@@ -217,6 +231,7 @@ pub async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
         }
     }
     listener.abort();
+    let _ = renewer.await;
 }
 
 /// Pushes this node's leases forward; a session whose lease was taken
@@ -246,7 +261,10 @@ async fn renew_leases(
             for id in lost {
                 tracing::warn!(session_id = %id, node = %cluster.node, "lease lost to another node: ending the child here");
                 registry.metrics.lease_lost();
-                registry.detach(id, true).await;
+                // The store already refuses its writes; the child ends beside.
+                registry.store.drop_lease(id);
+                let registry = registry.clone();
+                tokio::spawn(async move { registry.detach(id, true).await });
             }
         }
         Err(e) => {

@@ -401,8 +401,10 @@ async fn a_node_stopped_past_its_lease_writes_nothing_more_and_ends_its_child() 
     )
     .await;
     let id = id_of(&s);
-    let pgid = s["pid"].as_u64().expect("a child on a") as u32;
-    assert_eq!(s["node"], "a");
+    // No node holds a new session: its child starts with its first message,
+    // on the node that message reaches.
+    assert_eq!(s["node"], Value::Null, "{s}");
+    assert_eq!(s["pid"], Value::Null, "{s}");
     let res = http
         .post(format!("{}/sessions/{id}/messages", a.base))
         .json(&json!({"content": "cut"}))
@@ -411,6 +413,9 @@ async fn a_node_stopped_past_its_lease_writes_nothing_more_and_ends_its_child() 
         .unwrap();
     assert_eq!(res.status(), 202);
     let cut = id_of(&res.json::<Value>().await.unwrap());
+    let view = get_ok(&http, format!("{}/sessions/{id}", a.base)).await;
+    assert_eq!(view["node"], "a", "{view}");
+    let pgid = view["pid"].as_u64().expect("a child on a") as u32;
     eventually(T, || {
         let http = http.clone();
         let url = format!("{}/sessions/{id}/messages/{cut}", b.base);

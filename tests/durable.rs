@@ -82,8 +82,11 @@ async fn restart_loses_nothing(store: &str) {
     let base = node.base.clone();
     let s = post_json(&http, format!("{base}/sessions"), json!({"agent": "sed"})).await;
     let id = s["id"].as_str().unwrap().to_string();
-    let first_pid = s["pid"].as_u64().unwrap() as u32;
     assert_eq!(ask(&http, &base, &id, "one").await["output"], "one\n");
+    // (On PostgreSQL, a cluster node, the child starts with the first message.)
+    let first_pid = get(&http, format!("{base}/sessions/{id}")).await["pid"]
+        .as_u64()
+        .expect("a child") as u32;
     assert_eq!(ask(&http, &base, &id, "two").await["output"], "two\n");
     let quiet = post_json(
         &http,
@@ -294,9 +297,19 @@ async fn a_gateway_that_still_runs_keeps_its_children() {
         json!({"agent": "forker"}),
     )
     .await;
-    let pgid = s["pid"].as_u64().expect("a child") as u32;
-    eventually(T, || async { group_members(pgid).len() == 2 }).await;
     let id = s["id"].as_str().unwrap().to_string();
+    // A cluster node starts a session's child with its first message.
+    let res = http
+        .post(format!("{}/sessions/{id}/messages", first.base))
+        .json(&json!({"content": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    let pgid = get(&http, format!("{}/sessions/{id}", first.base)).await["pid"]
+        .as_u64()
+        .expect("a child") as u32;
+    eventually(T, || async { group_members(pgid).len() == 2 }).await;
     eventually(T, || async {
         use sqlx::Connection;
         let Ok(mut db) = sqlx::PgConnection::connect(&url).await else {

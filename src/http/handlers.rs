@@ -215,7 +215,7 @@ pub async fn create_session(
             let caller = caller?;
             let req: CreateSession = parse_json(body, true)?.unwrap_or_default();
             let handle = state.registry.create_as(req, &caller).await?;
-            let view = handle.shared.view();
+            let view = created_view(&state, &handle);
             audit("session.create", &caller, &view.id.to_string(), &view.agent);
             Ok(with_location(
                 json_response(StatusCode::CREATED, &view),
@@ -224,6 +224,16 @@ pub async fn create_session(
         }
         .await,
     )
+}
+
+/// A new session as its 201 shows it. In cluster mode it is held by no
+/// node yet (its child starts with its first message): `node` is null.
+fn created_view(state: &AppState, handle: &crate::session::SessionHandle) -> crate::model::Session {
+    let mut view = handle.shared.view();
+    if state.registry.cluster.is_some() && !state.registry.store.holds(view.id) {
+        view.node = None;
+    }
+    view
 }
 
 /// `PATCH /sessions/{id}`
@@ -283,7 +293,7 @@ pub async fn fork_session(
                 Located::Here(_) => state.registry.fork(&id, req, &caller).await?,
                 Located::Elsewhere(r) => state.registry.fork_remote(&r, req, &caller).await?,
             };
-            let view = handle.shared.view();
+            let view = created_view(&state, &handle);
             audit("session.fork", &caller, &view.id.to_string(), &id);
             Ok(with_location(
                 json_response(StatusCode::CREATED, &view),
@@ -706,9 +716,14 @@ async fn send_elsewhere(
         usage: None,
         fallback: false,
     };
-    // The feeds below read the session's log from its start and keep this
-    // message's events only (the log is bounded by the replay limits).
-    let after = 0;
+    // The message's events all come after what is stored now: the feeds
+    // below start there (not at the log's start, which may hold thousands).
+    let after = state
+        .registry
+        .store
+        .last_event_seq(session)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     state
         .registry
         .store

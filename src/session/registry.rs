@@ -326,6 +326,14 @@ impl Registry {
         let handle = self.launch(shared);
         tracing::info!(session_id = %id, agent = %profile.name, "session created");
         self.metrics.session_created();
+        if self.cluster.is_some() {
+            // Cluster mode: the session's child starts with its first
+            // message, on the node that message reaches (the proxy hashes
+            // on the session id, which `POST /sessions` cannot carry):
+            // stored, it leaves this node and gives its lease back.
+            self.detach(id, false).await;
+            return Ok(handle);
+        }
         // A warm child was started with the profile's cwd: only for sessions without their own.
         let warm = (profile.prewarm > 0 && plain)
             .then(|| self.pool.take(&profile.name))

@@ -310,6 +310,21 @@ impl Store {
         .await
     }
 
+    /// The highest stored event id of session `id` (0 with none).
+    pub async fn last_event_seq(&self, id: Uuid) -> Result<u64, StoreError> {
+        let Some(pool) = &self.pool else {
+            return Ok(0);
+        };
+        bounded(async move {
+            let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM events WHERE session_id = $1")
+                .bind(id.to_string())
+                .fetch_one(pool)
+                .await?;
+            Ok(row.try_get::<i64, _>(0)?.max(0) as u64)
+        })
+        .await
+    }
+
     /// Stores message `m` in session `m.session_id`'s inbox (a node that
     /// does not hold the session acknowledges it so) and wakes the holder.
     pub async fn push_inbox(&self, m: &Message) -> Result<(), StoreError> {

@@ -434,7 +434,9 @@ impl Store {
                 return Ok(());
             };
             let mut tx = self.begin_for(pool, id).await?;
-            for table in ["events", "messages", "children", "inbox", "commands"] {
+            // Not `commands`: the delete itself may be one, whose answer
+            // the asking node still has to read.
+            for table in ["events", "messages", "children", "inbox"] {
                 sqlx::query(&format!("DELETE FROM {table} WHERE session_id = $1"))
                     .bind(id.to_string())
                     .execute(&mut *tx)
