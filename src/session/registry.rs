@@ -467,45 +467,15 @@ impl Registry {
                     lost.push(m.clone());
                 }
             }
-            let events: Vec<_> = self
-                .store
-                .load_events(id)
-                .await?
-                .into_iter()
-                .map(|e| (e.seq, e.name, e.message_id, e.data))
-                .collect();
-            let last = events.last().map_or(0, |e| e.0);
-            let next_seq = ceiling.max(last) + 1;
-            let new_ceiling = next_seq + super::persist::RESERVE;
-            self.store.reserve_events(id, new_ceiling).await?;
-            let log = EventLog::restore(
-                self.config.replay_events,
-                self.config.replay_bytes,
-                events,
-                next_seq,
-            );
+            let log = self.reopen_log(id, ceiling, &lost).await?;
             let shared = self.restored_shared(
                 &record,
                 profile.clone(),
                 messages,
-                log.clone(),
+                log,
                 SessionState::Suspended,
                 Duration::ZERO,
             );
-            super::persist::spawn_writer(self.store.clone(), id, &log, new_ceiling);
-            for m in &lost {
-                if let Some(error) = &m.error {
-                    log.publish(&crate::session::Event::MessageFailed {
-                        error,
-                        message_id: m.id,
-                    });
-                }
-            }
-            log.publish(&crate::session::Event::SessionState {
-                pid: None,
-                reason: Some("restarted"),
-                state: SessionState::Suspended,
-            });
             self.reserved.fetch_add(1, Ordering::SeqCst);
             if let Some(owner) = &record.owner {
                 // Restored sessions count, even past a limit lowered since.
@@ -515,6 +485,50 @@ impl Registry {
             restored += 1;
         }
         Ok(restored)
+    }
+
+    /// Session `id`'s event log read back from the store for a session
+    /// that comes back open (a restart, or a node taking it over): ids
+    /// continue after `ceiling` (never reused), its writer runs, and the log
+    /// says what happened — `message.failed` for each message in `lost`,
+    /// then `session.state` `suspended` with reason `restarted`.
+    async fn reopen_log(
+        &self,
+        id: Uuid,
+        ceiling: u64,
+        lost: &[Message],
+    ) -> Result<Arc<EventLog>, crate::store::StoreError> {
+        let events: Vec<_> = self
+            .store
+            .load_events(id)
+            .await?
+            .into_iter()
+            .map(|e| (e.seq, e.name, e.message_id, e.data))
+            .collect();
+        let next_seq = ceiling.max(events.last().map_or(0, |e| e.0)) + 1;
+        let new_ceiling = next_seq + super::persist::RESERVE;
+        self.store.reserve_events(id, new_ceiling).await?;
+        let log = EventLog::restore(
+            self.config.replay_events,
+            self.config.replay_bytes,
+            events,
+            next_seq,
+        );
+        super::persist::spawn_writer(self.store.clone(), id, &log, new_ceiling);
+        for m in lost {
+            if let Some(error) = &m.error {
+                log.publish(&crate::session::Event::MessageFailed {
+                    error,
+                    message_id: m.id,
+                });
+            }
+        }
+        log.publish(&crate::session::Event::SessionState {
+            pid: None,
+            reason: Some("restarted"),
+            state: SessionState::Suspended,
+        });
+        Ok(log)
     }
 
     /// Brings back a session the gateway had closed (`failed`, `expired`):

@@ -216,11 +216,7 @@ impl Store {
                 .bind(&f.node)
                 .fetch_all(pool)
                 .await?;
-            Ok(rows
-                .iter()
-                .filter_map(|r| r.try_get::<String, _>(0).ok())
-                .filter_map(|id| Uuid::parse_str(&id).ok())
-                .collect())
+            Ok(uuids(&rows))
         })
         .await
     }
@@ -379,11 +375,7 @@ impl Store {
             let rows = sqlx::query("SELECT DISTINCT session_id FROM inbox")
                 .fetch_all(pool)
                 .await?;
-            Ok(rows
-                .iter()
-                .filter_map(|r| r.try_get::<String, _>(0).ok())
-                .filter_map(|id| Uuid::parse_str(&id).ok())
-                .collect())
+            Ok(uuids(&rows))
         })
         .await
     }
@@ -419,11 +411,7 @@ impl Store {
             ))
             .fetch_all(pool)
             .await?;
-            Ok(rows
-                .iter()
-                .filter_map(|r| r.try_get::<String, _>(0).ok())
-                .filter_map(|id| Uuid::parse_str(&id).ok())
-                .collect())
+            Ok(uuids(&rows))
         })
         .await
     }
@@ -565,6 +553,14 @@ impl Store {
             _ => None,
         }
     }
+}
+
+/// The session ids in the first column of `rows`.
+fn uuids(rows: &[sqlx::any::AnyRow]) -> Vec<Uuid> {
+    rows.iter()
+        .filter_map(|r| r.try_get::<String, _>(0).ok())
+        .filter_map(|id| Uuid::parse_str(&id).ok())
+        .collect()
 }
 
 /// A lease from columns `at..at+3` (node, generation, live) of `row`.

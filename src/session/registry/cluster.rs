@@ -25,7 +25,7 @@ use crate::auth::Caller;
 use crate::config::AgentProfile;
 use crate::error::ApiError;
 use crate::model::{FailureCode, Message, MessageError, MessageStatus, Session, SessionState};
-use crate::session::{persist, CloseReason, EventLog, SessionHandle};
+use crate::session::{CloseReason, SessionHandle};
 use crate::store::{Lease, SessionRecord, StoreError};
 
 /// Where a request for a session goes.
@@ -203,44 +203,15 @@ impl Registry {
             .cloned()
             .collect();
         messages.retain(|m| m.status != MessageStatus::Queued);
-        let events: Vec<_> = self
-            .store
-            .load_events(id)
-            .await?
-            .into_iter()
-            .map(|e| (e.seq, e.name, e.message_id, e.data))
-            .collect();
-        let next_seq = ceiling.max(events.last().map_or(0, |e| e.0)) + 1;
-        let new_ceiling = next_seq + persist::RESERVE;
-        self.store.reserve_events(id, new_ceiling).await?;
-        let log = EventLog::restore(
-            self.config.replay_events,
-            self.config.replay_bytes,
-            events,
-            next_seq,
-        );
+        let log = self.reopen_log(id, ceiling, &lost).await?;
         let shared = self.restored_shared(
             &record,
             profile,
             messages,
-            log.clone(),
+            log,
             SessionState::Suspended,
             Duration::ZERO,
         );
-        persist::spawn_writer(self.store.clone(), id, &log, new_ceiling);
-        for m in &lost {
-            if let Some(error) = &m.error {
-                log.publish(&crate::session::Event::MessageFailed {
-                    error,
-                    message_id: m.id,
-                });
-            }
-        }
-        log.publish(&crate::session::Event::SessionState {
-            pid: None,
-            reason: Some("restarted"),
-            state: SessionState::Suspended,
-        });
         self.reserved.fetch_add(1, Ordering::SeqCst);
         if let Some(owner) = &record.owner {
             let _ = self.take_owner_place(owner, None);
