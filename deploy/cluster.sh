@@ -37,7 +37,10 @@ pg_dir="" nginx_dir=""
 pids=()
 # shellcheck disable=SC2317  # called by the EXIT trap
 cleanup() {
-    trap - INT TERM EXIT
+    # A second Ctrl-C or TERM must not cut the clean-up short (it would
+    # leave nodes and PostgreSQL running).
+    trap - EXIT
+    trap '' INT TERM
     log "stopping"
     [[ -n "$nginx_dir" ]] && bash scripts/nginx-throwaway.sh stop "$nginx_dir"
     if (( ${#pids[@]} )); then
@@ -100,7 +103,16 @@ url="$(tail -n 1 <<<"$nginx_out")"
 log "$n nodes on $store behind nginx ($nginx_dir); Ctrl-C stops everything"
 echo "$url"
 
-# Until a signal, or until a node exits on its own.
-wait -n "${pids[@]}" || true
-log "a node exited; see $run"
+# Until a signal. A node that dies (kill -9 one to watch a failover) is
+# reported and the others go on; the recipe ends when none is left.
+while true; do
+    live=()
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && live+=("$p"); done
+    (( ${#live[@]} )) || break
+    wait -n "${live[@]}" || true
+    still=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && still=$((still + 1)); done
+    log "a node exited; $still still run (logs in $run)"
+done
+log "no node left"
 exit 1
