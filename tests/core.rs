@@ -66,6 +66,13 @@ protocol = "lines"
 end_marker = "^__END__$"
 stop_grace = "300ms"
 
+[agents.escaper]
+description = "starts a grandchild in a session of its own (out of its process group)"
+command = ["sh", "-c", "setsid sleep 43210 & exec cat"]
+protocol = "lines"
+end_marker = "^__END__$"
+stop_grace = "300ms"
+
 [agents.slow_stop]
 description = "echoes lines; after its stdin closes it takes 6 s to exit"
 command = ["sh", "-c", "cat; sleep 6"]
@@ -453,4 +460,41 @@ async fn a_running_message_shows_its_reply_so_far() {
     assert_eq!(res.status(), 202);
     let done = gw.finished(&id, &mid).await;
     assert_eq!(done["output"], "first half\n", "{done}");
+}
+
+/// The `sleep 43210` processes that left their process group (`setsid`):
+/// their pid and process group.
+fn escaped_sleeps() -> Vec<(u32, u32)> {
+    processes()
+        .into_iter()
+        .filter(|p| p.state != 'Z')
+        .filter(|p| {
+            std::fs::read(format!("/proc/{}/cmdline", p.pid))
+                .is_ok_and(|c| c == b"sleep\x0043210\x00")
+        })
+        .map(|p| (p.pid, p.pgrp))
+        .collect()
+}
+
+/// A process the child starts that leaves the child's process group
+/// (`setsid`) escapes the group kill; it still carries the child's
+/// environment marker, and goes when the child does.
+#[tokio::test]
+async fn a_grandchild_that_left_the_group_ends_with_its_session() {
+    let gw = gateway(|_| {}).await;
+    let s = gw.create("escaper").await;
+    let id = id_of(&s);
+    let pgid = s["pid"].as_u64().expect("a child") as u32;
+    eventually(T, || async { !escaped_sleeps().is_empty() }).await;
+    let (pid, group) = escaped_sleeps()[0];
+    assert_ne!(group, pgid, "the grandchild left the child's process group");
+    let res = gw
+        .http
+        .delete(gw.url(&format!("/sessions/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    eventually(T, || async { !alive(pid) }).await;
+    gw.stop().await;
 }

@@ -897,6 +897,9 @@ async fn a_secret_in_the_gateway_env_reaches_a_child_only_through_pass_env() {
     assert!(output.contains("PASSED_ONE=one-5b7c"), "{output}");
     assert!(output.contains("PASSED_GROUP_A=group-a-77e1"), "{output}");
     assert!(output.contains("PATH="), "{output}");
+    // The one variable the gateway adds: the marker that finds the
+    // child's descendants that left its process group.
+    assert!(output.contains("CHILD_OF_AGENTGATE="), "{output}");
     for absent in ["secret-9d1e", "prefix-only-1c2d", "AGENTGATE_"] {
         assert!(
             !output.contains(absent),

@@ -50,6 +50,60 @@ pub struct ChildProcess {
     exit_reported: bool,
     drain_until: Option<Instant>,
     group_gone: bool,
+    /// The value of [`MARKER_VAR`] in this child's environment.
+    marker: String,
+}
+
+/// The environment variable that marks every process a child starts.
+pub const MARKER_VAR: &str = "CHILD_OF_AGENTGATE";
+
+/// SIGKILLs every process of this user whose environment carries child
+/// `marker`: the descendants that left the child's process group (`setsid`,
+/// a daemonising tool) and so escaped the group kill. Read from
+/// `/proc/PID/environ` (readable for this user's own processes only). A
+/// descendant that also cleared its environment is not found: no cgroup
+/// here (see SECURITY.md). Returns how many were killed.
+pub fn kill_marked(marker: &str) -> usize {
+    let needle = format!("{MARKER_VAR}={marker}");
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut killed = 0;
+    for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+        if pid == me {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if environ
+            .split(|b| *b == 0)
+            .any(|var| var == needle.as_bytes())
+        {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            killed += 1;
+        }
+    }
+    if killed > 0 {
+        tracing::info!(
+            killed,
+            "ended processes that had left a child's process group"
+        );
+    }
+    killed
+}
+
+/// [`kill_marked`] off the async threads (it reads `/proc`).
+fn kill_marked_beside(marker: String) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            rt.spawn_blocking(move || kill_marked(&marker));
+        }
+        Err(_) => {
+            kill_marked(&marker);
+        }
+    }
 }
 
 impl ChildProcess {
@@ -146,10 +200,12 @@ impl ChildProcess {
     fn reaped(&mut self, status: ExitStatus) {
         self.status = Some(status);
         self.drain_until = Some(Instant::now() + DRAIN_AFTER_EXIT);
-        // Whatever the leader left behind in its group goes with it.
+        // Whatever the leader left behind in its group goes with it, and
+        // so does what left the group.
         self.signal(Signal::SIGKILL);
         self.group_gone = true;
         self.stdin = None;
+        kill_marked_beside(self.marker.clone());
     }
 
     /// Stops the child: close stdin, wait `grace`, SIGTERM the group, wait
@@ -190,6 +246,7 @@ impl Drop for ChildProcess {
         if !self.group_gone {
             // tokio reaps the dropped leader in the background.
             self.signal(Signal::SIGKILL);
+            kill_marked_beside(std::mem::take(&mut self.marker));
         }
     }
 }

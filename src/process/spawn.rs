@@ -87,9 +87,13 @@ pub(super) fn spawn(spec: &SpawnSpec) -> io::Result<ChildProcess> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty argv"))?;
     let (out_read, out_write) = io::pipe()?;
     let mut cmd = tokio::process::Command::new(program);
+    // Every process this child starts inherits the marker, also one that
+    // leaves the process group: see `super::kill_marked`.
+    let marker = uuid::Uuid::new_v4().simple().to_string();
     cmd.args(args)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .env(super::MARKER_VAR, &marker)
         .stdin(Stdio::piped())
         .process_group(0);
     let err_read = if spec.merge_stderr {
@@ -171,5 +175,6 @@ pub(super) fn spawn(spec: &SpawnSpec) -> io::Result<ChildProcess> {
         exit_reported: false,
         drain_until: None,
         group_gone: false,
+        marker,
     })
 }
