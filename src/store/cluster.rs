@@ -17,7 +17,9 @@ use uuid::Uuid;
 use super::{bounded, event_of, EventRecord, SessionRecord, Store, StoreError};
 use crate::model::Message;
 
-/// The database's clock in milliseconds.
+/// The database's clock in milliseconds. A lease is live while
+/// `expires_at > now` and expired from `expires_at <= now` on (a renewal of
+/// zero ends it at once, within the same millisecond too).
 const NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
 
 /// Channels the nodes listen on. The payload is a session id, except on
@@ -132,7 +134,7 @@ impl Store {
                  VALUES ($1, $2, 1, {NOW_MS} + $3) \
                  ON CONFLICT (session_id) DO UPDATE SET node_id = excluded.node_id, \
                  generation = leases.generation + 1, expires_at = excluded.expires_at \
-                 WHERE leases.expires_at < {NOW_MS} OR leases.node_id = excluded.node_id \
+                 WHERE leases.expires_at <= {NOW_MS} OR leases.node_id = excluded.node_id \
                  RETURNING generation"
             ))
             .bind(id.to_string())
@@ -228,7 +230,7 @@ impl Store {
         };
         bounded(async move {
             let rows = sqlx::query(&format!(
-                "SELECT session_id, node_id, generation, expires_at >= {NOW_MS} FROM leases"
+                "SELECT session_id, node_id, generation, expires_at > {NOW_MS} FROM leases"
             ))
             .fetch_all(pool)
             .await?;
@@ -255,7 +257,7 @@ impl Store {
         bounded(async move {
             let row = sqlx::query(&format!(
                 "SELECT s.body, s.seq_ceiling, s.owner, l.node_id, l.generation, \
-                 l.expires_at >= {NOW_MS} FROM sessions s \
+                 l.expires_at > {NOW_MS} FROM sessions s \
                  LEFT JOIN leases l ON l.session_id = s.id WHERE s.id = $1"
             ))
             .bind(id.to_string())
@@ -407,7 +409,7 @@ impl Store {
                    SELECT session_id FROM messages WHERE status IN ('queued', 'running') \
                    UNION SELECT session_id FROM inbox) w \
                  LEFT JOIN leases l ON l.session_id = w.session_id \
-                 WHERE l.session_id IS NULL OR l.expires_at < {NOW_MS}"
+                 WHERE l.session_id IS NULL OR l.expires_at <= {NOW_MS}"
             ))
             .fetch_all(pool)
             .await?;
