@@ -315,7 +315,7 @@ impl Store {
                 return Ok(());
             };
             let body = serde_json::to_string(s).map_err(|e| StoreError::Query(e.to_string()))?;
-            let mut tx = self.begin_for(pool, s.id).await?;
+            let mut tx = self.begin_for(pool, s.id, false).await?;
             sqlx::query(
                 "INSERT INTO sessions (id, body, owner) VALUES ($1, $2, $3) \
                  ON CONFLICT (id) DO UPDATE SET body = excluded.body, owner = excluded.owner",
@@ -338,7 +338,7 @@ impl Store {
             let Some(pool) = &self.pool else {
                 return Ok(());
             };
-            let mut tx = self.begin_for(pool, id).await?;
+            let mut tx = self.begin_for(pool, id, false).await?;
             sqlx::query("UPDATE sessions SET seq_ceiling = $1 WHERE id = $2 AND seq_ceiling < $1")
                 .bind(ceiling as i64)
                 .bind(id.to_string())
@@ -361,7 +361,7 @@ impl Store {
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default();
-            let mut tx = self.begin_for(pool, m.session_id).await?;
+            let mut tx = self.begin_for(pool, m.session_id, false).await?;
             sqlx::query(
                 "INSERT INTO messages (session_id, ord, id, body, status) VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (session_id, ord) DO UPDATE SET body = excluded.body, status = excluded.status",
@@ -388,7 +388,7 @@ impl Store {
             if events.is_empty() {
                 return Ok(());
             }
-            let mut tx = self.begin_for(pool, id).await?;
+            let mut tx = self.begin_for(pool, id, true).await?;
             for e in events {
                 sqlx::query(
                     "INSERT INTO events (session_id, seq, name, message_id, data) VALUES ($1, $2, $3, $4, $5) \
@@ -415,7 +415,7 @@ impl Store {
             let Some(pool) = &self.pool else {
                 return Ok(());
             };
-            let mut tx = self.begin_for(pool, id).await?;
+            let mut tx = self.begin_for(pool, id, false).await?;
             sqlx::query("DELETE FROM events WHERE session_id = $1 AND seq < $2")
                 .bind(id.to_string())
                 .bind(first_kept as i64)
@@ -433,7 +433,7 @@ impl Store {
             let Some(pool) = &self.pool else {
                 return Ok(());
             };
-            let mut tx = self.begin_for(pool, id).await?;
+            let mut tx = self.begin_for(pool, id, true).await?;
             // Not `commands`: the delete itself may be one, whose answer
             // the asking node still has to read.
             for table in ["events", "messages", "children", "inbox"] {
