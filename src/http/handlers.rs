@@ -247,10 +247,7 @@ pub async fn update_session(
         async {
             let located = state.registry.locate(&id, &caller?, true).await?;
             let update: UpdateSession = parse_json(body, false)?.expect("required body");
-            let profile = match &located {
-                Located::Here(h) => h.shared.profile.clone(),
-                Located::Elsewhere(r) => r.profile.clone(),
-            };
+            let profile = located.profile();
             let profile = &profile;
             let allow = &profile.client_options;
             if let Some(m) = &update.model {
@@ -406,10 +403,7 @@ pub async fn send_message(
             let timeout = timeout_of(req.timeout_ms)?;
             let content =
                 crate::content::parse(req.content, state.registry.config.max_image_bytes)?;
-            let profile = match &located {
-                Located::Here(h) => h.shared.profile.clone(),
-                Located::Elsewhere(r) => r.profile.clone(),
-            };
+            let profile = located.profile();
             let profile = &profile;
             if content.has_images() && !(profile.protocol.carries_images() && profile.persistent) {
                 return Err(ApiError::BadRequest(format!(
@@ -637,10 +631,7 @@ pub async fn events(
             let after = after.unwrap_or(0);
             // Cluster mode: every node streams the session from the store, so
             // ids and `Last-Event-ID` are the same wherever a client connects.
-            let session = match &located {
-                Located::Here(h) => h.id(),
-                Located::Elsewhere(r) => r.record.id,
-            };
+            let session = located.id();
             if let Some(feed) = StoreFeed::new(&state.registry, session, after) {
                 return Ok(sse::response(
                     feed,

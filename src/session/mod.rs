@@ -254,6 +254,11 @@ impl SessionShared {
         (s.state, s.last_activity.elapsed(), s.pid.is_some())
     }
 
+    /// Messages waiting behind the running one.
+    pub fn queued(&self) -> usize {
+        self.status().queued
+    }
+
     /// One message.
     pub fn message(&self, id: Uuid) -> Option<Message> {
         let s = self.status();

@@ -38,7 +38,7 @@ pub async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
             } else if registry.cluster.is_some()
                 && state == SessionState::Suspended
                 && !has_child
-                && handle.shared.view().queued == 0
+                && handle.shared.queued() == 0
                 && idle_for >= config.idle_timeout
             {
                 // Cluster mode: a session without a child holds no lease; the

@@ -36,6 +36,24 @@ pub enum Located {
     Elsewhere(Box<Remote>),
 }
 
+impl Located {
+    /// The session's id.
+    pub fn id(&self) -> Uuid {
+        match self {
+            Located::Here(h) => h.id(),
+            Located::Elsewhere(r) => r.record.id,
+        }
+    }
+
+    /// The session's profile.
+    pub fn profile(&self) -> Arc<AgentProfile> {
+        match self {
+            Located::Here(h) => h.shared.profile.clone(),
+            Located::Elsewhere(r) => r.profile.clone(),
+        }
+    }
+}
+
 /// A session as the store has it, on a node that does not hold it.
 #[derive(Debug, Clone)]
 pub struct Remote {
