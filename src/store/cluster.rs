@@ -11,9 +11,10 @@
 use std::collections::HashMap;
 
 use dashmap::DashMap;
-use sqlx::{Any, AnyPool, Row, Transaction};
+use sqlx::{AnyPool, Row};
 use uuid::Uuid;
 
+use super::writer::Writer;
 use super::{bounded, event_of, EventRecord, SessionRecord, Store, StoreError};
 use crate::model::Message;
 
@@ -92,8 +93,8 @@ impl Store {
     /// Where a write to session `id` goes: in cluster mode a transaction
     /// that first checks this node's lease (and fails
     /// [`StoreError::Fenced`] without it); otherwise one transaction when
-    /// `batch` (several statements), else a plain connection whose
-    /// statements commit each by itself, as they did before the cluster.
+    /// `batch` (several statements) or on SQLite, else (a single statement
+    /// on PostgreSQL) a plain connection.
     pub(super) async fn begin_for(
         &self,
         pool: &AnyPool,
@@ -101,16 +102,15 @@ impl Store {
         batch: bool,
     ) -> Result<Writer, StoreError> {
         let Some(f) = self.fence.get() else {
-            return Ok(if batch {
-                Writer::Tx(pool.begin().await?)
-            } else {
-                Writer::Plain(pool.acquire().await?)
-            });
+            // On SQLite every write is a transaction of its own, even a
+            // single statement: see [`Writer`] for why.
+            let sqlite = matches!(self.spec, super::StoreSpec::Sqlite(_));
+            return Writer::open(pool, batch || sqlite).await;
         };
-        let mut tx = pool.begin().await?;
         let Some(generation) = f.held.get(&id).map(|g| *g) else {
             return Err(StoreError::Fenced(id));
         };
+        let mut tx = Writer::open(pool, true).await?;
         let row = sqlx::query(
             "SELECT node_id FROM leases WHERE session_id = $1 AND node_id = $2 AND generation = $3 FOR SHARE",
         )
@@ -121,9 +121,10 @@ impl Store {
         .await?;
         if row.is_none() {
             f.held.remove_if(&id, |_, g| *g == generation);
+            tx.rollback().await?;
             return Err(StoreError::Fenced(id));
         }
-        Ok(Writer::Tx(tx))
+        Ok(tx)
     }
 
     /// Takes session `id`'s lease for `ttl` if nobody holds it, it expired,
@@ -572,44 +573,6 @@ fn uuids(rows: &[sqlx::any::AnyRow]) -> Vec<Uuid> {
         .filter_map(|r| r.try_get::<String, _>(0).ok())
         .filter_map(|id| Uuid::parse_str(&id).ok())
         .collect()
-}
-
-/// A write's connection: see [`Store::begin_for`].
-pub(super) enum Writer {
-    /// Each statement commits by itself.
-    Plain(sqlx::pool::PoolConnection<Any>),
-    /// One transaction, committed by [`Writer::commit`].
-    Tx(Transaction<'static, Any>),
-}
-
-impl std::ops::Deref for Writer {
-    type Target = sqlx::AnyConnection;
-
-    fn deref(&self) -> &sqlx::AnyConnection {
-        match self {
-            Writer::Plain(c) => c,
-            Writer::Tx(t) => t,
-        }
-    }
-}
-
-impl std::ops::DerefMut for Writer {
-    fn deref_mut(&mut self) -> &mut sqlx::AnyConnection {
-        match self {
-            Writer::Plain(c) => c,
-            Writer::Tx(t) => t,
-        }
-    }
-}
-
-impl Writer {
-    /// Commits a transaction (a plain connection has nothing to commit).
-    pub(super) async fn commit(self) -> Result<(), StoreError> {
-        if let Writer::Tx(tx) = self {
-            tx.commit().await?;
-        }
-        Ok(())
-    }
 }
 
 /// A lease from columns `at..at+3` (node, generation, live) of `row`.

@@ -26,6 +26,7 @@ use uuid::Uuid;
 use crate::model::Message;
 
 mod cluster;
+mod writer;
 pub use cluster::{Fence, Lease, CHANNELS};
 
 /// Where sessions are kept (`--store`).
