@@ -6,7 +6,10 @@
 //! permission prompts) — and every state change of the session happens here.
 //!
 //! This file holds the task's state and its loop, and dispatches each
-//! command; the verbs live one per file beside it: [`queue`] (accepting and
+//! command. What runs for the session (no process, a starting, ready or
+//! retiring child, a child being stopped, a one-shot run) is one value, a
+//! [`Lifecycle`], and the session's state is derived from it in one place
+//! ([`lifecycle`]). The verbs live one per file beside it: [`queue`] (accepting and
 //! starting messages), [`child`] (spawning, output, exit, stopping),
 //! [`reply`] (a running reply's signals, permissions, interrupts, its end),
 //! [`fallback`] (one-shot runs for a session), [`timers`] (deadlines),
@@ -41,29 +44,17 @@ mod child;
 mod claude_features;
 mod close;
 mod fallback;
+mod lifecycle;
 mod queue;
 mod reply;
 mod timers;
 use claude_features::PendingUpdate;
+use lifecycle::{Child, Lifecycle, Phase};
 
 /// How much of stderr is kept for error details.
 const STDERR_TAIL: usize = 4096;
 /// Longest wait for a child's start-up prompt.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
-
-struct Child {
-    proc: ChildProcess,
-    adapter: Box<dyn Adapter>,
-    ready: bool,
-    /// Being ended on purpose: takes no messages, its exit is no crash.
-    retiring: bool,
-    /// The gateway sent it SIGINT (an interrupt): an exit by that signal is
-    /// the gateway's doing, not a crash.
-    sigint_sent: bool,
-    /// Whether it printed anything yet (the stall watchdog starts then).
-    spoke: bool,
-    ready_deadline: Instant,
-}
 
 struct Queued {
     id: Uuid,
@@ -128,15 +119,13 @@ pub(super) struct Actor {
     registry: Arc<Registry>,
     rx: mpsc::Receiver<Command>,
     queue: VecDeque<Queued>,
-    child: Option<Child>,
+    /// What runs for the session: no process, a child, a child being
+    /// stopped, or a one-shot run.
+    lifecycle: Lifecycle,
     current: Option<Current>,
     stderr_tail: Vec<u8>,
     exits: VecDeque<Instant>,
     permissions: HashMap<String, Pending>,
-    fallback: Option<FallbackRun>,
-    /// A child being stopped beside this task: no new child starts before
-    /// it is gone (claude flushes the transcript that `--resume` reads).
-    stopping: Option<tokio::sync::oneshot::Receiver<()>>,
     updates: Vec<PendingUpdate>,
     closed: bool,
     /// Whether this session ever had a child (a later one is a restart).
@@ -156,13 +145,11 @@ impl Actor {
             registry,
             rx,
             queue: VecDeque::new(),
-            child: None,
+            lifecycle: Lifecycle::Idle,
             current: None,
             stderr_tail: Vec::new(),
             exits: VecDeque::new(),
             permissions: HashMap::new(),
-            fallback: None,
-            stopping: None,
             updates: Vec::new(),
             closed: false,
             had_child: false,
@@ -176,29 +163,10 @@ impl Actor {
         while !self.closed {
             let deadline = self.next_deadline();
             let wake = {
-                let child = self.child.as_mut().map(|c| &mut c.proc);
-                let fallback = self.fallback.as_mut().map(|f| &mut f.rx);
-                let stopping = self.stopping.as_mut();
+                let lifecycle = &mut self.lifecycle;
                 tokio::select! {
-                    _ = async move {
-                        match stopping {
-                            Some(rx) => { let _ = rx.await; }
-                            None => std::future::pending().await,
-                        }
-                    } => Wake::Stopped,
-                    ev = async move {
-                        match fallback {
-                            Some(rx) => rx.recv().await,
-                            None => std::future::pending().await,
-                        }
-                    } => Wake::Fallback(ev),
+                    wake = lifecycle.next() => wake,
                     cmd = self.rx.recv() => Wake::Command(cmd),
-                    ev = async move {
-                        match child {
-                            Some(p) => p.next_event().await,
-                            None => std::future::pending().await,
-                        }
-                    } => Wake::Child(ev),
                     _ = async {
                         match deadline {
                             Some(d) => tokio::time::sleep_until(d).await,
@@ -220,7 +188,7 @@ impl Actor {
                     Wake::Child(ev) => self.child_event(ev).await,
                     Wake::Fallback(ev) => self.fallback_event(ev).await,
                     Wake::Stopped => {
-                        self.stopping = None;
+                        self.lifecycle = Lifecycle::Idle;
                         self.try_start_next().await;
                     }
                     Wake::Timer => self.timers().await,
@@ -242,8 +210,16 @@ impl Actor {
         self.shared.log.publish(&event);
     }
 
-    fn set_state(&self, state: SessionState, reason: Option<&str>) {
-        let pid = self.child.as_ref().map(|c| c.proc.pid());
+    /// Publishes the session's state as the lifecycle makes it
+    /// ([`Actor::derived_state`]), with `reason`; nothing when it is
+    /// unchanged and there is no reason.
+    fn set_state(&self, reason: Option<&str>) {
+        self.publish_state(self.derived_state(), reason);
+    }
+
+    /// Publishes `state` as the session's (see [`Actor::set_state`]).
+    fn publish_state(&self, state: SessionState, reason: Option<&str>) {
+        let pid = self.lifecycle.child().map(|c| c.proc.pid());
         {
             let mut s = self.shared.status();
             if s.state == state && s.pid == pid && reason.is_none() {
@@ -274,18 +250,18 @@ impl Actor {
         match cmd {
             Command::Start { warm, reply } => {
                 if !self.shared.profile.persistent {
-                    self.set_state(SessionState::Idle, Some("fallback"));
+                    self.set_state(Some("fallback"));
                 } else if !self.registry.reserve_child(self.shared.id, false) {
                     // At `max_children`: no child now (a warm one goes back
                     // to nothing); the first message waits for a slot.
                     drop(warm);
-                    self.set_state(SessionState::Suspended, Some("max_children"));
+                    self.set_state(Some("max_children"));
                 } else if let Some(proc) = warm {
                     tracing::info!(session_id = %self.shared.id, pid = proc.pid(), "took a prewarmed child");
                     self.adopt(proc);
                 } else if let Err(e) = self.spawn_child() {
                     tracing::warn!(session_id = %self.shared.id, error = %e, "spawn failed");
-                    self.set_state(SessionState::Suspended, Some("spawn_failed"));
+                    self.set_state(Some("spawn_failed"));
                 }
                 let _ = reply.send(());
             }
@@ -326,7 +302,11 @@ impl Actor {
                 // Output the reader already holds comes first: a reply whose
                 // end arrived before the interrupt is completed, and the
                 // interrupt then finds nothing running (409).
-                while let Some(ev) = self.child.as_mut().and_then(|c| c.proc.try_next_output()) {
+                while let Some(ev) = self
+                    .lifecycle
+                    .child_mut()
+                    .and_then(|c| c.proc.try_next_output())
+                {
                     self.child_event(ev).await;
                 }
                 let result = if let Some(id) = self.current.as_ref().map(|c| c.id) {
@@ -345,12 +325,14 @@ impl Actor {
                 let _ = reply.send(self.answer_permission(&request_id, &decision));
             }
             Command::Suspend { reason, idle_for } => {
-                let idle = self.current.is_none() && self.queue.is_empty() && self.child.is_some();
+                let idle = self.current.is_none()
+                    && self.queue.is_empty()
+                    && self.lifecycle.child().is_some();
                 let long_enough = idle_for.is_none_or(|d| self.shared.idle_info().1 >= d);
                 if idle && long_enough {
                     self.stop_child_beside();
                     self.registry.metrics.reaped(reason);
-                    self.set_state(SessionState::Suspended, Some(reason));
+                    self.set_state(Some(reason));
                     if reason == "idle" {
                         tracing::info!(session_id = %self.shared.id, "idle child reaped");
                     }

@@ -41,27 +41,40 @@ impl Actor {
         }
         let ready = !adapter.needs_ready();
         self.registry.child_adopted(self.shared.id, proc.pid());
-        self.child = Some(Child {
+        self.lifecycle = Lifecycle::Child(Box::new(Child {
             proc,
             adapter,
-            ready,
-            retiring: false,
+            phase: Phase::Starting {
+                deadline: Instant::now() + READY_TIMEOUT.min(profile.timeout),
+            },
             sigint_sent: false,
             spoke: false,
-            ready_deadline: Instant::now() + READY_TIMEOUT.min(profile.timeout),
-        });
-        self.set_state(SessionState::Starting, None);
+        }));
+        self.set_state(None);
         if ready {
-            self.set_state(SessionState::Idle, None);
+            self.child_ready();
+            self.set_state(None);
+        }
+    }
+
+    /// The child is ready for messages (a child that is retiring stays so).
+    pub(super) fn child_ready(&mut self) {
+        if let Some(c) = self.lifecycle.child_mut() {
+            if matches!(c.phase, Phase::Starting { .. }) {
+                c.phase = Phase::Ready;
+            }
         }
     }
 
     /// Ends the child on purpose with `signal`: it takes no more messages
-    /// (the next one starts a new child) and its exit is not a crash.
+    /// (the next one starts a new child), its exit is not a crash, and it is
+    /// killed if still there after the profile's `stop_grace`.
     pub(super) fn retire_child(&mut self, signal: Sig) {
-        if let Some(c) = self.child.as_mut() {
-            c.ready = false;
-            c.retiring = true;
+        let grace = self.shared.profile.stop_grace;
+        if let Some(c) = self.lifecycle.child_mut() {
+            c.phase = Phase::Retiring {
+                deadline: Instant::now() + grace,
+            };
             c.proc.signal(signal);
         }
     }
@@ -86,7 +99,7 @@ impl Actor {
         if let Some(cur) = self.current.as_mut() {
             cur.last_output = Instant::now();
         }
-        if let Some(c) = self.child.as_mut() {
+        if let Some(c) = self.lifecycle.child_mut() {
             c.spoke = true;
         }
         self.apply(signals).await;
@@ -97,7 +110,7 @@ impl Actor {
         let mut signals = Vec::new();
         match ev {
             ChildEvent::Stdout(bytes) => {
-                if let Some(c) = self.child.as_mut() {
+                if let Some(c) = self.lifecycle.child_mut() {
                     c.adapter.stdout(&bytes, &mut signals);
                 }
                 self.output(signals).await;
@@ -106,18 +119,18 @@ impl Actor {
                 self.stderr_tail.extend_from_slice(&bytes);
                 let excess = self.stderr_tail.len().saturating_sub(STDERR_TAIL);
                 self.stderr_tail.drain(..excess);
-                if let Some(c) = self.child.as_mut() {
+                if let Some(c) = self.lifecycle.child_mut() {
                     c.adapter.stderr(&bytes, &mut signals);
                 }
                 self.output(signals).await;
             }
             ChildEvent::Exited(status) => {
-                if let Some(c) = self.child.as_mut() {
+                if let Some(c) = self.lifecycle.child_mut() {
                     c.adapter.eof(&mut signals);
                 }
                 self.apply(signals).await;
-                let child = self.child.take();
-                let retiring = child.as_ref().is_some_and(|c| c.retiring);
+                let child = self.lifecycle.take_child();
+                let retiring = child.as_ref().is_some_and(|c| c.is_retiring());
                 let our_sigint =
                     child.as_ref().is_some_and(|c| c.sigint_sent) && ended_by_sigint(&status);
                 self.child_gone_updates();
@@ -156,7 +169,7 @@ impl Actor {
                     self.finish(Err((FailureCode::ProcessExited, detail)), None)
                         .await;
                 }
-                self.set_state(SessionState::Suspended, Some("exited"));
+                self.set_state(Some("exited"));
                 if !intentional && self.record_exit() {
                     self.close(CloseReason::Failed).await;
                     return;
@@ -170,12 +183,12 @@ impl Actor {
     /// while the child gets its grace period; the slot is given back when it
     /// is gone, and no new child starts before then.
     pub(super) fn stop_child_beside(&mut self) {
-        let Some(child) = self.child.take() else {
+        let Some(child) = self.lifecycle.take_child() else {
             return;
         };
         self.permissions.clear();
         let (done, rx) = tokio::sync::oneshot::channel();
-        self.stopping = Some(rx);
+        self.lifecycle = Lifecycle::Stopping(rx);
         let registry = self.registry.clone();
         let grace = self.shared.profile.stop_grace;
         let id = self.shared.id;
@@ -219,7 +232,7 @@ impl Actor {
 
     pub(super) async fn stop_child(&mut self) {
         self.child_gone_updates();
-        if let Some(child) = self.child.take() {
+        if let Some(child) = self.lifecycle.take_child() {
             let pid = child.proc.pid();
             let status = child.proc.stop(self.shared.profile.stop_grace).await;
             self.registry.child_stopped();

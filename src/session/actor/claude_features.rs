@@ -44,7 +44,7 @@ impl Actor {
         reply: tokio::sync::oneshot::Sender<Result<(), ApiError>>,
     ) {
         let mut waiting = Vec::new();
-        if let Some(c) = self.child.as_mut().filter(|c| !c.retiring) {
+        if let Some(c) = self.lifecycle.child_mut().filter(|c| !c.is_retiring()) {
             let requests = [
                 (
                     "model",
@@ -220,7 +220,7 @@ impl Actor {
     /// timeout covers a child that never starts).
     pub(super) fn stall_after(&self) -> Option<Duration> {
         let cur = self.current.as_ref()?;
-        let spoke = self.child.as_ref().is_some_and(|c| c.spoke);
+        let spoke = self.lifecycle.child().is_some_and(|c| c.spoke);
         if cur.fallback || cur.stop.is_some() || !self.permissions.is_empty() || !spoke {
             return None;
         }

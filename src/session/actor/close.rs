@@ -12,17 +12,17 @@ impl Actor {
         if reason == CloseReason::Detached {
             // The session goes on elsewhere: end the child at once and leave
             // every record as it is (the next holder reads the store).
-            if let Some(run) = self.fallback.take() {
+            if let Some(run) = self.lifecycle.take_one_shot() {
                 run.task.abort();
             }
             self.child_gone_updates();
-            if let Some(child) = self.child.take() {
+            if let Some(child) = self.lifecycle.take_child() {
                 let pid = child.proc.pid();
                 let _ = child.proc.stop(Duration::ZERO).await;
                 self.registry.child_stopped();
                 self.registry.child_gone(self.shared.id, pid);
             }
-            if let Some(rx) = self.stopping.take() {
+            if let Some(rx) = self.lifecycle.take_stopping() {
                 let _ = rx.await;
             }
             self.shared.log.close();
@@ -39,7 +39,7 @@ impl Actor {
             }
             CloseReason::Detached => unreachable!("handled above"),
         };
-        if let Some(run) = self.fallback.take() {
+        if let Some(run) = self.lifecycle.take_one_shot() {
             run.task.abort();
         }
         if self.current.is_some() {
@@ -53,7 +53,7 @@ impl Actor {
         }
         self.sync_queued();
         self.stop_child().await;
-        if let Some(rx) = self.stopping.take() {
+        if let Some(rx) = self.lifecycle.take_stopping() {
             let _ = rx.await;
         }
         let label = match reason {
@@ -66,7 +66,8 @@ impl Actor {
         if reason == CloseReason::Shutdown && self.registry.store.is_durable() {
             // The session outlives this gateway: open streams end with it
             // suspended, and an EventSource reconnects to the next gateway.
-            self.set_state(SessionState::Suspended, Some("shutdown"));
+            // Closed here, suspended in the store: announced as such.
+            self.publish_state(SessionState::Suspended, Some("shutdown"));
             self.shared.log.close();
             self.shared.finished.send_modify(|n| *n += 1);
             tracing::info!(session_id = %self.shared.id, "session suspended for shutdown; kept in the store");
@@ -85,7 +86,7 @@ impl Actor {
                 tracing::error!(session_id = %self.shared.id, error = %e, "cannot store the closed session");
             }
         }
-        self.set_state(SessionState::Closed, Some(label));
+        self.set_state(Some(label));
         self.registry.metrics.session_closed(label);
         self.publish(Event::SessionClosed { reason });
         self.shared.log.close();

@@ -23,7 +23,7 @@ impl Actor {
                 .await;
             let _ = tx.send(FallbackEvent::Done(result));
         });
-        self.fallback = Some(FallbackRun { rx, task });
+        self.lifecycle = Lifecycle::OneShot(FallbackRun { rx, task });
         let now = Instant::now();
         self.current = Some(Current {
             id: q.id,
@@ -47,7 +47,7 @@ impl Actor {
             fallback: true,
             message_id: q.id,
         });
-        self.set_state(SessionState::Busy, None);
+        self.set_state(None);
     }
 
     pub(super) async fn fallback_event(&mut self, ev: Option<FallbackEvent>) {
@@ -57,7 +57,7 @@ impl Actor {
             Some(FallbackEvent::Signal(Signal::Done(_))) => {}
             Some(FallbackEvent::Signal(signal)) => self.apply(vec![signal]).await,
             Some(FallbackEvent::Done(result)) => {
-                self.fallback = None;
+                self.lifecycle = Lifecycle::Idle;
                 let spawn_failed = result
                     .error
                     .as_ref()
@@ -76,7 +76,7 @@ impl Actor {
                 self.try_start_next().await;
             }
             None => {
-                self.fallback = None;
+                self.lifecycle = Lifecycle::Idle;
                 self.finish(
                     Err((
                         FailureCode::ProcessExited,

@@ -61,21 +61,21 @@ impl Actor {
                 return;
             }
             if self.queue.is_empty() {
-                if self.child.as_ref().is_some_and(|c| c.ready) {
-                    self.set_state(SessionState::Idle, None);
+                if self.lifecycle.child().is_some_and(|c| c.is_ready()) {
+                    self.set_state(None);
                 }
                 return;
             }
             let mut fallback = !self.shared.profile.persistent;
-            if !fallback && self.child.is_none() {
-                if self.stopping.is_some() {
+            if !fallback && self.lifecycle.child().is_none() {
+                if matches!(self.lifecycle, Lifecycle::Stopping(_)) {
                     // The previous child is still being stopped; `Wake::Stopped` retries.
                     return;
                 }
                 if !self.registry.reserve_child(self.shared.id, true) {
                     // Every child slot is busy: the message waits its turn
                     // (`Command::Wake` when a slot frees).
-                    self.set_state(SessionState::Suspended, Some("max_children"));
+                    self.set_state(Some("max_children"));
                     return;
                 }
                 if let Err(e) = self.spawn_child() {
@@ -91,9 +91,9 @@ impl Actor {
                 self.start_fallback(q);
                 return;
             }
-            if self.child.is_none() {
+            if self.lifecycle.child().is_none() {
                 if !self.registry.reserve_child(self.shared.id, true) {
-                    self.set_state(SessionState::Suspended, Some("max_children"));
+                    self.set_state(Some("max_children"));
                     return;
                 }
                 if let Err(e) = self.spawn_child() {
@@ -102,7 +102,7 @@ impl Actor {
                     let detail = format!("cannot start {:?}: {e}", self.shared.profile.command[0]);
                     self.fail_unstarted(q.id, FailureCode::SpawnFailed, &detail)
                         .await;
-                    self.set_state(SessionState::Suspended, Some("spawn_failed"));
+                    self.set_state(Some("spawn_failed"));
                     if self.record_exit() {
                         self.close(CloseReason::Failed).await;
                         return;
@@ -110,7 +110,7 @@ impl Actor {
                     continue;
                 }
             }
-            if !self.child.as_ref().is_some_and(|c| c.ready) {
+            if !self.lifecycle.child().is_some_and(|c| c.is_ready()) {
                 return;
             }
             let q = self.queue.pop_front().expect("non-empty");
@@ -128,7 +128,7 @@ impl Actor {
                     return;
                 }
             }
-            let child = self.child.as_mut().expect("checked above");
+            let child = self.lifecycle.child_mut().expect("checked above");
             let input = child.adapter.frame_content(&q.content);
             child.proc.write(input);
             let now = Instant::now();
@@ -154,7 +154,7 @@ impl Actor {
                 fallback: false,
                 message_id: q.id,
             });
-            self.set_state(SessionState::Busy, None);
+            self.set_state(None);
             return;
         }
     }

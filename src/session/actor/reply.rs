@@ -13,7 +13,7 @@ impl Actor {
             return;
         }
         cur.stop = Some(reason);
-        if let Some(run) = self.fallback.take() {
+        if let Some(run) = self.lifecycle.take_one_shot() {
             // Aborting the run drops its child, which kills the child's group.
             run.task.abort();
             self.finish(Err((FailureCode::Interrupted, String::new())), None)
@@ -22,7 +22,7 @@ impl Actor {
             return;
         }
         cur.kill_at = Some(Instant::now() + grace);
-        if let Some(child) = self.child.as_mut() {
+        if let Some(child) = self.lifecycle.child_mut() {
             match child.adapter.interrupt() {
                 Some(bytes) => {
                     child.proc.write(bytes);
@@ -47,7 +47,7 @@ impl Actor {
         let pending = self.permissions.remove(request_id).ok_or_else(|| {
             ApiError::NotFound(format!("no open permission request {request_id:?}"))
         })?;
-        let child = self.child.as_mut().ok_or_else(|| {
+        let child = self.lifecycle.child_mut().ok_or_else(|| {
             ApiError::NotFound(format!(
                 "permission request {request_id:?} expired with its child"
             ))
@@ -65,9 +65,7 @@ impl Actor {
         for signal in signals {
             match signal {
                 Signal::Ready => {
-                    if let Some(c) = self.child.as_mut() {
-                        c.ready = true;
-                    }
+                    self.child_ready();
                     self.try_start_next().await;
                 }
                 Signal::Unattributed(bytes) => self.unattributed(bytes),
@@ -137,14 +135,16 @@ impl Actor {
                     self.permissions.remove(&request_id);
                 }
                 Signal::Write(bytes) => {
-                    if let Some(c) = self.child.as_mut() {
+                    if let Some(c) = self.lifecycle.child_mut() {
                         c.proc.write(bytes);
                     }
                 }
                 Signal::ConversationReset(detail) => {
                     let lost = self.shared.status().agent_session_id.take();
                     tracing::warn!(session_id = %self.shared.id, agent_session_id = ?lost, %detail, "the agent's conversation is not continued");
-                    self.set_state(SessionState::Starting, Some("new_conversation"));
+                    // Announced, not a change of the lifecycle: the session shows
+                    // `starting` until the running reply moves it on.
+                    self.publish_state(SessionState::Starting, Some("new_conversation"));
                 }
                 Signal::ConversationLost => {
                     let lost = {
@@ -270,9 +270,11 @@ impl Actor {
         }
         self.permissions.clear();
         self.shared.finished.send_modify(|n| *n += 1);
-        let free = self.child.as_ref().is_some_and(|c| c.ready) || !self.shared.profile.persistent;
-        if free && self.queue.is_empty() {
-            self.set_state(SessionState::Idle, None);
+        let free =
+            self.lifecycle.child().is_some_and(|c| c.is_ready()) || !self.shared.profile.persistent;
+        // A session being closed takes the close's state, not `idle`.
+        if free && self.queue.is_empty() && !self.closed {
+            self.set_state(None);
         }
     }
 

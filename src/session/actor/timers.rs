@@ -14,18 +14,14 @@ impl Actor {
         if let Some(cur) = &self.current {
             if cur.stop.is_none() {
                 consider(Some(cur.deadline));
-                if let Some(q) = self.child.as_ref().and_then(|c| c.adapter.quiet_after()) {
+                if let Some(q) = self.lifecycle.child().and_then(|c| c.adapter.quiet_after()) {
                     consider(Some(cur.last_output + q));
                 }
                 consider(self.stall_after().map(|d| cur.last_output + d));
             }
             consider(cur.kill_at);
         }
-        if let Some(c) = &self.child {
-            if !c.ready {
-                consider(Some(c.ready_deadline));
-            }
-        }
+        consider(self.lifecycle.child().and_then(|c| c.deadline()));
         consider(self.permissions.values().map(|p| p.deadline).min());
         consider(self.next_update_deadline());
         next
@@ -54,7 +50,7 @@ impl Actor {
                 tracing::info!(session_id = %self.shared.id, "reply did not end after the interrupt; killing the child");
                 self.retire_child(Sig::SIGKILL);
             } else if cur.stop.is_none() {
-                if let Some(c) = self.child.as_mut() {
+                if let Some(c) = self.lifecycle.child_mut() {
                     if let Some(q) = c.adapter.quiet_after() {
                         if now >= cur.last_output + q {
                             c.adapter.quiet(&mut signals);
@@ -63,9 +59,23 @@ impl Actor {
                 }
             }
         }
-        if let Some(c) = self.child.as_ref() {
-            if !c.ready && now >= c.ready_deadline {
-                tracing::warn!(session_id = %self.shared.id, "child never reported ready; killing it");
+        let grace = self.shared.profile.stop_grace;
+        if let Some(c) = self.lifecycle.child_mut() {
+            if c.deadline().is_some_and(|d| now >= d) {
+                // Killed again after another grace if even that does not
+                // end it. A child that never got ready stays `Starting`: its
+                // exit is a crash that spends the restart budget.
+                let deadline = now + grace;
+                c.phase = match c.phase {
+                    Phase::Retiring { .. } => {
+                        tracing::warn!(session_id = %self.shared.id, "the retired child is still there after stop_grace; killing it");
+                        Phase::Retiring { deadline }
+                    }
+                    _ => {
+                        tracing::warn!(session_id = %self.shared.id, "child never reported ready; killing it");
+                        Phase::Starting { deadline }
+                    }
+                };
                 c.proc.signal(Sig::SIGKILL);
             }
         }
