@@ -3,7 +3,7 @@
 //! gateway adds over driving the same agent over its pipes.
 //!
 //! ```sh
-//! bash scripts/install-acp-agents.sh     # once: gemini-cli and codex-acp in tests/acp
+//! bash scripts/install-acp-agents.sh     # once: the pinned ACP agents in tests/acp
 //! cargo run --release --example acp_bench                    # 20 of each, both agents
 //! cargo run --release --example acp_bench -- --agent codex --runs 30 --json target/acp_bench.json
 //! ```

@@ -1,11 +1,14 @@
 //! Real ACP agents behind the gateway, offline: the pinned gemini-cli in
-//! `--acp` mode and Codex through codex-acp (`scripts/install-acp-agents.sh`)
-//! against the suite's mocks of the Gemini API and the OpenAI Responses API. Context across messages, streamed deltas, interrupt then
+//! `--acp` mode, Codex through codex-acp and Claude Code through
+//! claude-code-acp (`scripts/install-acp-agents.sh`) against the suite's
+//! mocks of the Gemini API, the OpenAI Responses API and the Messages API. Context across messages, streamed deltas, interrupt then
 //! a next message, permission requests allowed and denied, a restart that
 //! loads the conversation, an agent killed mid-reply, and an image that
 //! reaches the model byte for byte.
 
 mod common;
+#[path = "support/mock_anthropic.rs"]
+mod mock_anthropic;
 #[path = "support/mock_gemini.rs"]
 mod mock_gemini;
 #[path = "support/mock_openai.rs"]
@@ -666,4 +669,86 @@ async fn oneshot_with_codex_and_gemini() {
         "{body}"
     );
     rig.gw.stop().await;
+}
+
+// ------------------------------------------------------ claude-code-acp
+
+/// `AGENTGATE_TEST_CLAUDE_CODE_ACP_BIN`, else
+/// `tests/acp/node_modules/.bin/claude-code-acp`. Panics (failing the test,
+/// never skipping it) when neither exists.
+fn claude_code_acp_bin() -> PathBuf {
+    let p = match std::env::var_os("AGENTGATE_TEST_CLAUDE_CODE_ACP_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/acp/node_modules/.bin/claude-code-acp"),
+    };
+    assert!(
+        p.exists(),
+        "claude-code-acp is not installed at {}: run scripts/install-acp-agents.sh",
+        p.display()
+    );
+    p
+}
+
+/// `M` of the Messages mock's `mock reply #N: messages=M; last=TEXT`.
+fn messages_seen(m: &Value) -> usize {
+    let text = output(m);
+    let at = text.find("messages=").expect("a mock reply") + "messages=".len();
+    text[at..]
+        .split(';')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{text}"))
+}
+
+/// claude-code-acp 0.16.2 (Zed's adapter, with the Claude Agent SDK's own
+/// CLI) against the Messages mock, offline: a conversation through the
+/// gateway keeps its context, and an image reaches the model intact.
+#[tokio::test]
+async fn claude_code_acp_keeps_context_and_takes_images() {
+    let mock = mock_anthropic::MockAnthropic::start().await;
+    let home = mock_anthropic::temp_home();
+    let work = home.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let mut p = codex_profile(&claude_code_acp_bin());
+    p.name = "claude-acp".into();
+    p.pass_env.clear();
+    p.env = mock.child_env(home.path()).into_iter().collect();
+    p.cwd = Some(work);
+    let gw = Gateway::start(|c| {
+        c.profiles.insert("claude-acp".into(), Arc::new(p));
+    })
+    .await;
+    let id = gw.create("claude-acp").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let first = gw.ask(&id, "first").await;
+    assert_eq!(first["status"], "completed", "{first}");
+    assert!(output(&first).ends_with("last=first"), "{first}");
+    let second = gw.ask(&id, "second").await;
+    assert!(output(&second).ends_with("last=second"), "{second}");
+    assert_eq!(
+        messages_seen(&second),
+        messages_seen(&first) + 2,
+        "the first turn was sent again: {second}"
+    );
+    assert!(gw.session(&id).await["agent_session_id"].is_string());
+
+    let m = ask_with(&gw, &id, text_and_image("and this?")).await;
+    assert_eq!(m["status"], "completed", "{m}");
+    assert_eq!(messages_seen(&m), messages_seen(&second) + 2, "{m}");
+    let turn = mock.conversation_requests().pop().unwrap();
+    let last = turn["messages"].as_array().unwrap().last().unwrap().clone();
+    let images: Vec<&Value> = last["content"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| b["type"] == "image")
+        .collect();
+    assert_eq!(images.len(), 1, "{last}");
+    assert_eq!(images[0]["source"]["data"], PNG_1X1, "{last}");
+    assert_eq!(images[0]["source"]["media_type"], "image/png", "{last}");
+    gw.stop().await;
 }
