@@ -30,14 +30,15 @@
 //! `tests/claude/node_modules/.bin/claude`. At most two CLI children live at
 //! a time (~200 MB RSS each).
 
+mod bench_support;
 #[path = "../tests/support/mock_anthropic.rs"]
 mod mock_anthropic;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentgate::config::claude_profile;
+use bench_support::*;
 use clap::Parser;
 use mock_anthropic::{claude_bin, temp_home, MockAnthropic};
 use serde_json::{json, Value};
@@ -58,18 +59,8 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("lg")
-        .enable_all()
-        .build()
-        .expect("client runtime");
-    let gw_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("gw")
-        .enable_all()
-        .build()
-        .expect("gateway runtime");
+    let client_rt = runtime("lg");
+    let gw_rt = runtime("gw");
     let bin = claude_bin();
     let version = std::process::Command::new(&bin)
         .arg("--version")
@@ -92,20 +83,8 @@ fn main() {
     let mut prewarmed = profile.clone();
     prewarmed.name = "claude-prewarmed".into();
     prewarmed.prewarm = 1;
-    let exe = std::env::current_exe().expect("current exe");
-    let mut config = agentgate::Config::defaults(&exe);
-    config.profiles.insert("claude".into(), Arc::new(profile));
-    config
-        .profiles
-        .insert("claude-prewarmed".into(), Arc::new(prewarmed));
-    let listener = gw_rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = gw_rt.spawn(agentgate::serve(config, listener, async move {
-        let _ = stopped.await;
-    }));
+    let served = Served::start(&gw_rt, config_with(vec![profile, prewarmed]));
+    let base = served.base.clone();
     println!(
         "claude {version} ({}), mock API {}, gateway {base}; {} runs of each kind\n",
         bin.display(),
@@ -113,8 +92,7 @@ fn main() {
         args.runs
     );
     let report = client_rt.block_on(bench(&base, &args, &direct));
-    let _ = stop.send(());
-    let _ = gw_rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), server).await });
+    served.stop(&gw_rt);
     drop(mock);
     if let Some(path) = &args.json {
         let mut report = report;
@@ -122,127 +100,6 @@ fn main() {
         std::fs::write(path, serde_json::to_string_pretty(&report).unwrap()).expect("write --json");
         println!("figures written to {}", path.display());
     }
-}
-
-/// Samples of one kind of reply.
-#[derive(Default)]
-struct Kind {
-    latency: Vec<Duration>,
-    /// CPU seconds per reply: the CLI's, and the gateway's.
-    child_cpu: Vec<f64>,
-    gw_cpu: Vec<f64>,
-    /// Extra: for cold/prewarmed, the CLI's CPU from its start to the end of
-    /// the first reply (start-up included).
-    child_cpu_since_start: Vec<f64>,
-    first_delta: Vec<Duration>,
-}
-
-fn pct(v: &[Duration], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_unstable();
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
-    v[rank.min(v.len()) - 1].as_secs_f64() * 1e3
-}
-
-fn mean(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v.iter().sum::<f64>() / v.len() as f64
-    }
-}
-
-impl Kind {
-    fn json(&self) -> Value {
-        json!({
-            "n": self.latency.len(),
-            "p50_ms": pct(&self.latency, 50.0), "p90_ms": pct(&self.latency, 90.0),
-            "min_ms": pct(&self.latency, 0.0), "max_ms": pct(&self.latency, 100.0),
-            "first_delta_p50_ms": pct(&self.first_delta, 50.0),
-            "child_cpu_s": mean(&self.child_cpu), "gw_cpu_s": mean(&self.gw_cpu),
-            "cpu_s": mean(&self.child_cpu) + if self.gw_cpu.is_empty() { 0.0 } else { mean(&self.gw_cpu) },
-            "child_cpu_since_start_s": mean(&self.child_cpu_since_start),
-        })
-    }
-}
-
-/// Linux reports `/proc` CPU times in USER_HZ, 100 on every mainstream build.
-const USER_HZ: f64 = 100.0;
-
-/// utime + stime (+ cutime + cstime with `children`) of one `/proc/<pid>/stat`, in s.
-fn stat_cpu(pid: &str, children: bool) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
-    // After the comm: state(0) … utime(11) stime(12) cutime(13) cstime(14).
-    let n = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    let mut ticks = n(11) + n(12);
-    if children {
-        ticks += n(13) + n(14);
-    }
-    Some(ticks / USER_HZ)
-}
-
-/// CPU of every live process in process group `pgid` (with what they reaped).
-fn group_cpu(pgid: u32) -> f64 {
-    let mut total = 0.0;
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0.0;
-    };
-    for entry in dir.flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
-        if !name.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{name}/stat")) else {
-            continue;
-        };
-        let Some(close) = stat.rfind(')') else {
-            continue;
-        };
-        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        if fields.get(2) == Some(&pgid.to_string().as_str()) {
-            total += stat_cpu(&name, true).unwrap_or(0.0);
-        }
-    }
-    total
-}
-
-/// CPU of process `pid` and what it reaped (a direct child is in our group).
-fn group_cpu_of(pid: u32) -> f64 {
-    stat_cpu(&pid.to_string(), true).unwrap_or(0.0)
-}
-
-/// This process's reaped children (`cutime + cstime`), in s.
-fn reaped_children_cpu() -> f64 {
-    let own = stat_cpu("self", false).unwrap_or(0.0);
-    stat_cpu("self", true).unwrap_or(0.0) - own
-}
-
-/// CPU seconds of this process's threads named `gw…` (the gateway's runtime).
-fn gateway_cpu() -> f64 {
-    let mut ns = 0u64;
-    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
-        for entry in dir.flatten() {
-            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-            if comm.starts_with("gw") {
-                let s = std::fs::read_to_string(entry.path().join("schedstat")).unwrap_or_default();
-                ns += s
-                    .split_whitespace()
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-            }
-        }
-    }
-    ns as f64 / 1e9
 }
 
 /// How to run the CLI without the gateway.
@@ -338,116 +195,8 @@ impl DirectChild {
     }
 }
 
-struct Bench {
-    client: reqwest::Client,
-    base: String,
-}
-
-impl Bench {
-    async fn create(&self, agent: &str) -> (String, u32) {
-        let res = self
-            .client
-            .post(format!("{}/sessions", self.base))
-            .json(&json!({ "agent": agent }))
-            .send()
-            .await
-            .expect("create");
-        assert_eq!(res.status(), 201, "create {agent}");
-        let v: Value = res.json().await.unwrap();
-        let pid = v["pid"].as_u64().expect("the session has a child") as u32;
-        (v["id"].as_str().unwrap().to_string(), pid)
-    }
-
-    async fn delete(&self, id: &str) {
-        let res = self
-            .client
-            .delete(format!("{}/sessions/{id}", self.base))
-            .send()
-            .await
-            .expect("delete");
-        assert_eq!(res.status(), 204);
-    }
-
-    /// One message over SSE: (first delta, completion).
-    async fn message(&self, id: &str, content: &str) -> (Duration, Duration) {
-        let t0 = Instant::now();
-        let mut res = self
-            .client
-            .post(format!("{}/sessions/{id}/messages", self.base))
-            .header("accept", "text/event-stream")
-            .json(&json!({ "content": content }))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(res.status(), 200);
-        let mut buf = String::new();
-        let mut first = None;
-        while let Some(chunk) = res.chunk().await.expect("SSE") {
-            buf.push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
-            if first.is_none() && buf.contains("event:message.delta") {
-                first = Some(t0.elapsed());
-            }
-            if buf.contains("event:message.failed") {
-                panic!("message failed: {buf}");
-            }
-            if buf.contains("event:message.completed") {
-                let done = t0.elapsed();
-                while res.chunk().await.ok().flatten().is_some() {}
-                return (first.unwrap_or(done), done);
-            }
-        }
-        panic!("SSE ended without message.completed: {buf}");
-    }
-
-    async fn oneshot(&self, content: &str) -> Duration {
-        let t0 = Instant::now();
-        let res = self
-            .client
-            .post(format!("{}/oneshot", self.base))
-            .json(&json!({ "content": content, "agent": "claude" }))
-            .send()
-            .await
-            .expect("oneshot");
-        assert_eq!(res.status(), 200);
-        let v: Value = res.json().await.unwrap();
-        let d = t0.elapsed();
-        assert_eq!(v["status"], "completed", "{v}");
-        d
-    }
-
-    /// Waits until the prewarm pool holds a child, then `settle` more.
-    async fn warm_pool_ready(&self, settle: f64) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let v: Value = self
-                .client
-                .get(format!("{}/agents", self.base))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let ready = v["agents"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|a| a["name"] == "claude-prewarmed" && a["warm"].as_u64() >= Some(1));
-            if ready {
-                break;
-            }
-            assert!(Instant::now() < deadline, "no warm child within 60 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        tokio::time::sleep(Duration::from_secs_f64(settle)).await;
-    }
-}
-
 async fn bench(base: &str, a: &Args, direct: &Direct) -> Value {
-    let b = Bench {
-        client: reqwest::Client::builder().no_proxy().build().unwrap(),
-        base: base.to_string(),
-    };
+    let b = Bench::new(base);
     let (mut oneshot, mut cold, mut pre, mut warm) = (
         Kind::default(),
         Kind::default(),
@@ -462,13 +211,13 @@ async fn bench(base: &str, a: &Args, direct: &Direct) -> Value {
     let (warm_id, warm_pid) = b.create("claude").await;
     b.message(&warm_id, "warm-up").await;
     // Warm-up of the one-shot path (page cache).
-    b.oneshot("warm-up").await;
+    b.oneshot("claude", "warm-up").await;
     for round in 0..a.runs {
         // One-shot.
         let (c0, g0) = (reaped_children_cpu(), gateway_cpu());
         oneshot
             .latency
-            .push(b.oneshot(&format!("one-shot {round}")).await);
+            .push(b.oneshot("claude", &format!("one-shot {round}")).await);
         oneshot.child_cpu.push(reaped_children_cpu() - c0);
         oneshot.gw_cpu.push(gateway_cpu() - g0);
 
@@ -486,7 +235,7 @@ async fn bench(base: &str, a: &Args, direct: &Direct) -> Value {
         b.delete(&id).await;
 
         // Prewarmed: the session takes a child started `settle` s ago.
-        b.warm_pool_ready(a.settle).await;
+        b.warm_pool_ready("claude-prewarmed", a.settle).await;
         let g0 = gateway_cpu();
         let (id, pid) = b.create("claude-prewarmed").await;
         let c0 = group_cpu(pid);
@@ -532,22 +281,7 @@ async fn bench(base: &str, a: &Args, direct: &Direct) -> Value {
         ("direct: claude -p, no gateway", &d_oneshot),
         ("direct: persistent child, pipes", &d_warm),
     ];
-    println!(
-        "{:<34} {:>9} {:>9} {:>11} {:>10} {:>13}",
-        "reply", "p50 ms", "p90 ms", "% one-shot", "CPU s/msg", "CPU vs 1-shot"
-    );
-    for (name, k) in rows {
-        let v = k.json();
-        println!(
-            "{:<34} {:>9.1} {:>9.1} {:>10.1}% {:>10.3} {:>12.1}%",
-            name,
-            v["p50_ms"].as_f64().unwrap(),
-            v["p90_ms"].as_f64().unwrap(),
-            100.0 * v["p50_ms"].as_f64().unwrap() / one["p50_ms"].as_f64().unwrap(),
-            v["cpu_s"].as_f64().unwrap(),
-            100.0 * v["cpu_s"].as_f64().unwrap() / one["cpu_s"].as_f64().unwrap(),
-        );
-    }
+    print_table(&oneshot, &rows);
     println!(
         "\nCPU split (s/msg, CLI + gateway): one-shot {:.3} + {:.4}; cold {:.3} + {:.4} (CLI since its start: {:.3}); prewarmed {:.3} + {:.4} (since start: {:.3}); warm {:.3} + {:.4}",
         mean(&oneshot.child_cpu),

@@ -64,10 +64,10 @@ AGENTGATE_TEST_CLAUDE_BIN="$(bash scripts/install-claude.sh | tail -n 1)"
 export AGENTGATE_TEST_CLAUDE_BIN
 echo "claude: $AGENTGATE_TEST_CLAUDE_BIN"
 
-step "installing the pinned ACP agents: gemini-cli, codex-acp (tests/acp)"
-acp_env="$(bash scripts/install-acp-agents.sh | tail -n 2)"
+step "installing the pinned ACP agents: gemini-cli, codex-acp, claude-code-acp (tests/acp)"
+acp_env="$(bash scripts/install-acp-agents.sh | tail -n 3)"
 while IFS='=' read -r name value; do export "$name=$value"; done <<<"$acp_env"
-echo "gemini: $AGENTGATE_TEST_GEMINI_BIN; codex-acp: $AGENTGATE_TEST_CODEX_ACP_BIN"
+echo "gemini: $AGENTGATE_TEST_GEMINI_BIN; codex-acp: $AGENTGATE_TEST_CODEX_ACP_BIN; claude-code-acp: $AGENTGATE_TEST_CLAUDE_CODE_ACP_BIN"
 
 step "cargo fmt --check"
 cargo fmt --check

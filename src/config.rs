@@ -200,14 +200,21 @@ impl ProtocolKind {
         }
     }
 
-    /// Whether a message may carry images (as content blocks).
+    /// Whether a message may carry images (as content blocks), so that a
+    /// post with images is accepted rather than refused (400).
+    ///
+    /// ACP: accepted for every ACP profile, although an agent takes images
+    /// only when its `initialize` answer advertises
+    /// `agentCapabilities.promptCapabilities.image`. That answer is not known
+    /// when the message is posted (the session's child may not have started
+    /// yet, and a restarted child may be a different binary), so the check is
+    /// made when the message is handed to the running child: an agent
+    /// without image support fails the message with `unsupported_content`
+    /// and the session goes on (`Acp::frame_content`).
     pub fn carries_images(self) -> bool {
         match self {
             ProtocolKind::Lines => false,
-            ProtocolKind::ClaudeStreamJson => true,
-            // ACP prompts can carry image blocks, but our adapter sends text
-            // only so far (see docs/acp-notes.md).
-            ProtocolKind::Acp => false,
+            ProtocolKind::ClaudeStreamJson | ProtocolKind::Acp => true,
         }
     }
 }

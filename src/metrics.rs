@@ -117,11 +117,12 @@ pub fn outcome(error: Option<FailureCode>) -> &'static str {
         Some(FailureCode::Shutdown) => "shutdown",
         Some(FailureCode::Stalled) => "stalled",
         Some(FailureCode::GatewayLost) => "gateway_lost",
+        Some(FailureCode::UnsupportedContent) => "unsupported_content",
     }
 }
 
 /// Every `outcome` label value.
-const OUTCOMES: [&str; 10] = [
+const OUTCOMES: [&str; 11] = [
     "completed",
     "timeout",
     "process_exited",
@@ -132,6 +133,7 @@ const OUTCOMES: [&str; 10] = [
     "shutdown",
     "stalled",
     "gateway_lost",
+    "unsupported_content",
 ];
 
 const STATES: [(SessionState, &str); 5] = [

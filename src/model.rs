@@ -76,6 +76,11 @@ pub enum FailureCode {
     /// The gateway stopped (killed, restarted) while the message was queued
     /// or running; found so by the next gateway on the same store.
     GatewayLost,
+    /// The running agent cannot take the message's content: an ACP agent
+    /// whose `initialize` answer did not advertise
+    /// `promptCapabilities.image` was sent an image. The message never
+    /// reached the agent; the session goes on.
+    UnsupportedContent,
 }
 
 /// `{code, detail}` of a failed message.

@@ -1,10 +1,14 @@
 //! Real ACP agents behind the gateway, offline: the pinned gemini-cli in
-//! `--acp` mode and Codex through codex-acp (`scripts/install-acp-agents.sh`)
-//! against the suite's mocks of the Gemini API and the OpenAI Responses API. Context across messages, streamed deltas, interrupt then
+//! `--acp` mode, Codex through codex-acp and Claude Code through
+//! claude-code-acp (`scripts/install-acp-agents.sh`) against the suite's
+//! mocks of the Gemini API, the OpenAI Responses API and the Messages API. Context across messages, streamed deltas, interrupt then
 //! a next message, permission requests allowed and denied, a restart that
-//! loads the conversation, and an agent killed mid-reply.
+//! loads the conversation, an agent killed mid-reply, and an image that
+//! reaches the model byte for byte.
 
 mod common;
+#[path = "support/mock_anthropic.rs"]
+mod mock_anthropic;
 #[path = "support/mock_gemini.rs"]
 mod mock_gemini;
 #[path = "support/mock_openai.rs"]
@@ -79,6 +83,26 @@ impl Rig {
 
 fn output(m: &Value) -> &str {
     m["output"].as_str().unwrap_or("")
+}
+
+/// A real 1x1 PNG (agents may decode what they are given).
+const PNG_1X1: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
+
+/// Text and an image, as a client posts them.
+fn text_and_image(text: &str) -> Value {
+    json!({"content": [
+        {"type": "text", "text": text},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1X1}},
+    ]})
+}
+
+/// Posts `body` with `?wait=true`; the finished message.
+async fn ask_with(gw: &Gateway, id: &str, body: Value) -> Value {
+    let res = gw
+        .post(&format!("/sessions/{id}/messages?wait=true"), body)
+        .await;
+    assert_eq!(res.status(), 200, "accepted and finished");
+    res.json().await.unwrap()
 }
 
 #[tokio::test]
@@ -296,6 +320,24 @@ async fn gemini_killed_mid_reply_fails_then_recovers() {
     rig.gw.stop().await;
 }
 
+/// gemini-cli advertises `promptCapabilities.image`: the posted image goes
+/// out as an ACP image block and reaches the model as `inlineData`, intact.
+#[tokio::test]
+async fn gemini_image_reaches_the_model() {
+    let rig = Rig::start().await;
+    let id = rig.session().await;
+    let m = ask_with(&rig.gw, &id, text_and_image("what is this?")).await;
+    assert_eq!(m["status"], "completed", "{m}");
+    assert!(output(&m).contains("last=what is this?"), "{m}");
+    assert_eq!(
+        rig.mock.last_turn_images(),
+        vec![json!({"mimeType": "image/png", "data": PNG_1X1})],
+        "the model got the image: {:?}",
+        rig.mock.turns().last()
+    );
+    rig.gw.stop().await;
+}
+
 // ---------------------------------------------------------------- codex
 
 /// A gateway whose `codex` profile (codex-acp) talks to the mock Responses
@@ -506,6 +548,92 @@ async fn codex_killed_mid_reply_fails_then_recovers() {
     rig.gw.stop().await;
 }
 
+/// codex-acp advertises `promptCapabilities.image`: the image reaches the
+/// Responses API as an `input_image` whose `data:` URL holds the same bytes.
+#[tokio::test]
+async fn codex_image_reaches_the_model() {
+    let rig = CodexRig::start("never").await;
+    let id = rig.session().await;
+    let m = ask_with(&rig.gw, &id, text_and_image("what is this?")).await;
+    assert_eq!(m["status"], "completed", "{m}");
+    assert!(output(&m).ends_with("last=what is this?"), "{m}");
+    let images = rig.mock.last_turn_images();
+    assert_eq!(images.len(), 1, "{:?}", rig.mock.turns().last());
+    assert_eq!(
+        images[0]["image_url"],
+        format!("data:image/png;base64,{PNG_1X1}"),
+        "{images:?}"
+    );
+    rig.gw.stop().await;
+}
+
+/// A scripted ACP agent whose `initialize` answer advertises no images; it
+/// answers each prompt with `prompt #N: K blocks`.
+const NO_IMAGE_AGENT: &str = r#"
+import json, sys
+prompts = 0
+def send(v):
+    sys.stdout.write(json.dumps(v) + "\n"); sys.stdout.flush()
+for line in sys.stdin:
+    m = json.loads(line)
+    method, i = m.get("method"), m.get("id")
+    if method == "initialize":
+        send({"jsonrpc": "2.0", "id": i, "result": {"protocolVersion": 1,
+              "agentCapabilities": {"loadSession": False, "promptCapabilities": {"image": False}}}})
+    elif method == "session/new":
+        send({"jsonrpc": "2.0", "id": i, "result": {"sessionId": "py-1"}})
+    elif method == "session/prompt":
+        prompts += 1
+        text = "prompt #%d: %d blocks" % (prompts, len(m["params"]["prompt"]))
+        send({"jsonrpc": "2.0", "method": "session/update", "params": {"sessionId": "py-1",
+              "update": {"sessionUpdate": "agent_message_chunk", "content": {"type": "text", "text": text}}}})
+        send({"jsonrpc": "2.0", "id": i, "result": {"stopReason": "end_turn"}})
+"#;
+
+/// An agent that did not advertise images: the message with an image is
+/// accepted, then fails `unsupported_content` without reaching the agent;
+/// the same child takes the next message.
+#[tokio::test]
+async fn an_agent_without_image_support_fails_the_message_not_the_session() {
+    let mut p = codex_profile(std::path::Path::new("python3"));
+    p.name = "noimage".into();
+    p.command = vec![
+        "python3".into(),
+        "-u".into(),
+        "-c".into(),
+        NO_IMAGE_AGENT.into(),
+    ];
+    p.pass_env.clear();
+    let gw = Gateway::start(|c| {
+        c.profiles.insert("noimage".into(), Arc::new(p));
+    })
+    .await;
+    let id = gw.create("noimage").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let m = ask_with(&gw, &id, text_and_image("what is this?")).await;
+    assert_eq!(m["status"], "failed", "{m}");
+    assert_eq!(m["error"]["code"], "unsupported_content", "{m}");
+    assert!(
+        m["error"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("promptCapabilities.image"),
+        "{m}"
+    );
+    let pid = gw.session(&id).await["pid"].as_u64();
+    let m = gw.ask(&id, "text only").await;
+    assert_eq!(m["status"], "completed", "{m}");
+    assert_eq!(
+        output(&m),
+        "prompt #1: 1 blocks",
+        "the image never reached it"
+    );
+    assert_eq!(gw.session(&id).await["pid"].as_u64(), pid, "same child");
+    gw.stop().await;
+}
+
 /// One process per request: the handshake, one prompt, then the child ends.
 #[tokio::test]
 async fn oneshot_with_codex_and_gemini() {
@@ -541,4 +669,86 @@ async fn oneshot_with_codex_and_gemini() {
         "{body}"
     );
     rig.gw.stop().await;
+}
+
+// ------------------------------------------------------ claude-code-acp
+
+/// `AGENTGATE_TEST_CLAUDE_CODE_ACP_BIN`, else
+/// `tests/acp/node_modules/.bin/claude-code-acp`. Panics (failing the test,
+/// never skipping it) when neither exists.
+fn claude_code_acp_bin() -> PathBuf {
+    let p = match std::env::var_os("AGENTGATE_TEST_CLAUDE_CODE_ACP_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/acp/node_modules/.bin/claude-code-acp"),
+    };
+    assert!(
+        p.exists(),
+        "claude-code-acp is not installed at {}: run scripts/install-acp-agents.sh",
+        p.display()
+    );
+    p
+}
+
+/// `M` of the Messages mock's `mock reply #N: messages=M; last=TEXT`.
+fn messages_seen(m: &Value) -> usize {
+    let text = output(m);
+    let at = text.find("messages=").expect("a mock reply") + "messages=".len();
+    text[at..]
+        .split(';')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{text}"))
+}
+
+/// claude-code-acp 0.16.2 (Zed's adapter, with the Claude Agent SDK's own
+/// CLI) against the Messages mock, offline: a conversation through the
+/// gateway keeps its context, and an image reaches the model intact.
+#[tokio::test]
+async fn claude_code_acp_keeps_context_and_takes_images() {
+    let mock = mock_anthropic::MockAnthropic::start().await;
+    let home = mock_anthropic::temp_home();
+    let work = home.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let mut p = codex_profile(&claude_code_acp_bin());
+    p.name = "claude-acp".into();
+    p.pass_env.clear();
+    p.env = mock.child_env(home.path()).into_iter().collect();
+    p.cwd = Some(work);
+    let gw = Gateway::start(|c| {
+        c.profiles.insert("claude-acp".into(), Arc::new(p));
+    })
+    .await;
+    let id = gw.create("claude-acp").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let first = gw.ask(&id, "first").await;
+    assert_eq!(first["status"], "completed", "{first}");
+    assert!(output(&first).ends_with("last=first"), "{first}");
+    let second = gw.ask(&id, "second").await;
+    assert!(output(&second).ends_with("last=second"), "{second}");
+    assert_eq!(
+        messages_seen(&second),
+        messages_seen(&first) + 2,
+        "the first turn was sent again: {second}"
+    );
+    assert!(gw.session(&id).await["agent_session_id"].is_string());
+
+    let m = ask_with(&gw, &id, text_and_image("and this?")).await;
+    assert_eq!(m["status"], "completed", "{m}");
+    assert_eq!(messages_seen(&m), messages_seen(&second) + 2, "{m}");
+    let turn = mock.conversation_requests().pop().unwrap();
+    let last = turn["messages"].as_array().unwrap().last().unwrap().clone();
+    let images: Vec<&Value> = last["content"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| b["type"] == "image")
+        .collect();
+    assert_eq!(images.len(), 1, "{last}");
+    assert_eq!(images[0]["source"]["data"], PNG_1X1, "{last}");
+    assert_eq!(images[0]["source"]["media_type"], "image/png", "{last}");
+    gw.stop().await;
 }

@@ -6,7 +6,9 @@
 //! writes `initialize`; its answer is followed by `session/load` (when the
 //! agent offers `loadSession` and a conversation id is known) or
 //! `session/new`; the child is ready when that answers. A message is one
-//! `session/prompt`; its result ends the reply. Requests from the agent are
+//! `session/prompt` (its text and image blocks as ACP content blocks; images
+//! only to an agent that advertised `promptCapabilities.image`); its result
+//! ends the reply. Requests from the agent are
 //! answered: `session/request_permission` is relayed to the client, every
 //! other request gets a JSON-RPC error at once (a refused agent carries on, a
 //! silent one hangs).
@@ -26,6 +28,7 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 
 use super::{Adapter, Outcome, Signal};
+use crate::content::Content;
 use crate::model::{FailureCode, PermissionBehavior, PermissionDecision};
 
 /// The ACP protocol version this client speaks.
@@ -62,6 +65,9 @@ pub struct Acp {
     /// The conversation to load once the agent is initialised.
     resume: Option<String>,
     session_id: Option<String>,
+    /// The agent's `initialize` answer advertised
+    /// `promptCapabilities.image`: prompts may carry image blocks.
+    takes_images: bool,
     /// Permission requests by the id the client answers with.
     asked: HashMap<String, Asked>,
 }
@@ -77,6 +83,12 @@ impl Acp {
         self.next_id += 1;
         self.calls.insert(self.next_id, call);
         line(&json!({"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params}))
+    }
+
+    /// A `session/prompt` request with these content blocks.
+    fn prompt(&mut self, blocks: Vec<Value>) -> Bytes {
+        let params = json!({"sessionId": self.session_id, "prompt": blocks});
+        self.request(Call::Prompt, "session/prompt", params)
     }
 
     fn new_session(&mut self) -> Bytes {
@@ -173,7 +185,10 @@ impl Acp {
         let result = msg.get("result").cloned().unwrap_or(Value::Null);
         match (call, error) {
             (Call::Initialize, None) => {
-                let offers_load = result["agentCapabilities"]["loadSession"]
+                let capabilities = &result["agentCapabilities"];
+                let offers_load = capabilities["loadSession"].as_bool().unwrap_or(false);
+                // ACP: an absent capability is not offered.
+                self.takes_images = capabilities["promptCapabilities"]["image"]
                     .as_bool()
                     .unwrap_or(false);
                 let bytes = match self.resume.take() {
@@ -235,6 +250,26 @@ impl Acp {
                 }));
             }
         }
+    }
+}
+
+/// A message's content as ACP content blocks: text as `{type: "text"}`,
+/// each image (checked base64 when posted) as `{type: "image", mimeType,
+/// data}` with its bytes untouched, in the order posted.
+fn prompt_blocks(content: &Content) -> Vec<Value> {
+    match content {
+        Content::Text(text) => vec![json!({"type": "text", "text": text})],
+        Content::Blocks(blocks) => blocks
+            .iter()
+            .map(|b| match b["type"].as_str() {
+                Some("image") => json!({
+                    "type": "image",
+                    "mimeType": b["source"]["media_type"],
+                    "data": b["source"]["data"],
+                }),
+                _ => json!({"type": "text", "text": b["text"]}),
+            })
+            .collect(),
     }
 }
 
@@ -312,11 +347,23 @@ impl Adapter for Acp {
     }
 
     fn frame(&mut self, content: &str) -> Bytes {
-        let params = json!({
-            "sessionId": self.session_id,
-            "prompt": [{"type": "text", "text": content}],
-        });
-        self.request(Call::Prompt, "session/prompt", params)
+        self.prompt(vec![json!({"type": "text", "text": content})])
+    }
+
+    /// Images go only to an agent that advertised them: ACP forbids a
+    /// client to send content types the agent did not advertise, and an
+    /// agent that gets one anyway may drop it silently, so the reply would
+    /// be about a picture the model never saw. Such a message fails
+    /// (`unsupported_content`) before anything is written.
+    fn frame_content(&mut self, content: &Content) -> Result<Bytes, String> {
+        if content.has_images() && !self.takes_images {
+            return Err(
+                "the agent cannot take images: its initialize answer did not \
+                 advertise agentCapabilities.promptCapabilities.image"
+                    .into(),
+            );
+        }
+        Ok(self.prompt(prompt_blocks(content)))
     }
 
     fn stdout(&mut self, chunk: &[u8], out: &mut Vec<Signal>) {
@@ -724,6 +771,68 @@ mod tests {
                 &decision(Some(PermissionBehavior::Allow), None)
             )
             .is_none());
+    }
+
+    /// Ready with these `initialize` capabilities.
+    fn started_with(capabilities: Value) -> Acp {
+        let mut a = Acp::new();
+        let init = parse(&a.start(Path::new("/work"), None).unwrap());
+        let out = feed(
+            &mut a,
+            json!({"jsonrpc":"2.0","id":init["id"],"result":{"protocolVersion":1,"agentCapabilities":capabilities}}),
+        );
+        let new = &writes(&out)[0];
+        feed(
+            &mut a,
+            json!({"jsonrpc":"2.0","id":new["id"],"result":{"sessionId":"s-1"}}),
+        );
+        a
+    }
+
+    fn text_and_image() -> Content {
+        Content::Blocks(vec![
+            json!({"type": "text", "text": "look"}),
+            json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}),
+            json!({"type": "text", "text": "and say"}),
+        ])
+    }
+
+    #[test]
+    fn images_go_as_acp_blocks_to_an_agent_that_advertised_them() {
+        let mut a = started_with(json!({"promptCapabilities": {"image": true}}));
+        let prompt = parse(&a.frame_content(&text_and_image()).unwrap());
+        assert_eq!(prompt["method"], "session/prompt");
+        assert_eq!(
+            prompt["params"]["prompt"],
+            json!([
+                {"type": "text", "text": "look"},
+                {"type": "image", "mimeType": "image/png", "data": "iVBORw0KGgo="},
+                {"type": "text", "text": "and say"},
+            ])
+        );
+        let text = parse(&a.frame_content(&Content::Text("plain".into())).unwrap());
+        assert_eq!(
+            text["params"]["prompt"],
+            json!([{"type": "text", "text": "plain"}])
+        );
+    }
+
+    #[test]
+    fn images_to_an_agent_that_did_not_advertise_them_are_refused() {
+        for capabilities in [
+            json!({}),
+            json!({"promptCapabilities": {}}),
+            json!({"promptCapabilities": {"image": false, "audio": true}}),
+        ] {
+            let mut a = started_with(capabilities.clone());
+            let why = a.frame_content(&text_and_image()).unwrap_err();
+            assert!(why.contains("promptCapabilities.image"), "{why}");
+            assert!(a.calls.is_empty(), "no prompt is pending: {capabilities}");
+            // Text still goes.
+            let blocks = Content::Blocks(vec![json!({"type": "text", "text": "only text"})]);
+            let p = parse(&a.frame_content(&blocks).unwrap());
+            assert_eq!(p["params"]["prompt"][0]["text"], "only text");
+        }
     }
 
     #[test]

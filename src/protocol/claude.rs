@@ -196,12 +196,12 @@ impl Adapter for StreamJson {
         self.user_line(json!(content))
     }
 
-    fn frame_content(&mut self, content: &crate::content::Content) -> Bytes {
+    fn frame_content(&mut self, content: &crate::content::Content) -> Result<Bytes, String> {
         if self.plain_input {
-            return self.frame(&content.text());
+            return Ok(self.frame(&content.text()));
         }
         // The CLI passes a list of blocks on to the model as they are.
-        self.user_line(content.to_json())
+        Ok(self.user_line(content.to_json()))
     }
 
     fn control(&mut self, request: Value) -> Option<(String, Bytes)> {
@@ -403,7 +403,7 @@ mod tests {
     fn blocks_and_control_requests() {
         let mut a = StreamJson::new();
         let blocks = crate::content::Content::Blocks(vec![json!({"type": "text", "text": "hi"})]);
-        let v: Value = serde_json::from_slice(&a.frame_content(&blocks)).unwrap();
+        let v: Value = serde_json::from_slice(&a.frame_content(&blocks).unwrap()).unwrap();
         assert_eq!(v["message"]["content"][0]["text"], "hi");
         let (id, bytes) = a
             .control(json!({"subtype": "set_model", "model": "haiku"}))

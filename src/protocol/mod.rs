@@ -99,8 +99,10 @@ pub trait Adapter: Send {
     fn frame(&mut self, content: &str) -> Bytes;
     /// Frames structured content (text and image blocks). Protocols without
     /// blocks get the text; images never reach them (refused when posted).
-    fn frame_content(&mut self, content: &crate::content::Content) -> Bytes {
-        self.frame(&content.text())
+    /// `Err` says why this child cannot take `content` (an ACP agent that
+    /// did not advertise images): the message fails and nothing is written.
+    fn frame_content(&mut self, content: &crate::content::Content) -> Result<Bytes, String> {
+        Ok(self.frame(&content.text()))
     }
     /// A control request to the agent (e.g. claude's `set_model`): its id
     /// and bytes, or `None` if the protocol has no such thing.

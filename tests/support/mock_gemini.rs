@@ -196,6 +196,24 @@ impl MockGemini {
             .collect()
     }
 
+    /// The `inlineData` parts (`{mimeType, data}`) of the last user entry
+    /// of the last conversation turn: the images the model was sent.
+    pub fn last_turn_images(&self) -> Vec<Value> {
+        let Some(turn) = self.turns().pop() else {
+            return vec![];
+        };
+        let contents = turn["contents"].as_array().cloned().unwrap_or_default();
+        let Some(last) = contents.iter().rev().find(|c| c["role"] == "user") else {
+            return vec![];
+        };
+        last["parts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.get("inlineData").cloned())
+            .collect()
+    }
+
     /// Streams the client dropped before their end.
     pub fn aborted_streams(&self) -> usize {
         self.state.lock().aborted_streams

@@ -210,6 +210,25 @@ stream_max_retries = 0
             .collect()
     }
 
+    /// The `input_image` parts of the last user item of the last model
+    /// turn: the images the model was sent (`image_url` a `data:` URL).
+    pub fn last_turn_images(&self) -> Vec<Value> {
+        let Some(turn) = self.turns().pop() else {
+            return vec![];
+        };
+        let input = turn["input"].as_array().cloned().unwrap_or_default();
+        let Some(user) = input.iter().rev().find(|i| i["role"] == "user") else {
+            return vec![];
+        };
+        user["content"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["type"] == "input_image")
+            .cloned()
+            .collect()
+    }
+
     /// Streams the client dropped before their end.
     pub fn aborted_streams(&self) -> usize {
         self.state.lock().aborted_streams

@@ -129,7 +129,15 @@ impl Actor {
                 }
             }
             let child = self.lifecycle.child_mut().expect("checked above");
-            let input = child.adapter.frame_content(&q.content);
+            let input = match child.adapter.frame_content(&q.content) {
+                Ok(input) => input,
+                Err(why) => {
+                    // Nothing reached the child: it stays ready for the next message.
+                    self.fail_unstarted(q.id, FailureCode::UnsupportedContent, &why)
+                        .await;
+                    continue;
+                }
+            };
             child.proc.write(input);
             let now = Instant::now();
             self.current = Some(Current {
