@@ -101,8 +101,10 @@ async fn ask_with(gw: &Gateway, id: &str, body: Value) -> Value {
     let res = gw
         .post(&format!("/sessions/{id}/messages?wait=true"), body)
         .await;
-    assert_eq!(res.status(), 200, "accepted and finished");
-    res.json().await.unwrap()
+    let status = res.status();
+    let res_body = res.text().await.unwrap();
+    assert_eq!(status, 200, "accepted and finished: {res_body}");
+    serde_json::from_str(&res_body).unwrap()
 }
 
 #[tokio::test]
