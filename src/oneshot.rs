@@ -13,6 +13,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::config::{AgentProfile, ProtocolKind};
+use crate::content::Content;
 use crate::model::{FailureCode, MessageError, MessageStatus};
 use crate::process::{child_env, describe_exit, ChildEvent, ChildProcess, SpawnSpec};
 use crate::protocol::{self, Signal};
@@ -38,13 +39,14 @@ pub struct RunResult {
     pub duration: Duration,
 }
 
-/// Runs `argv` once with `content` on stdin. Every [`Signal`] is passed to
-/// `on_signal` as it arrives (deltas, agent events).
+/// Runs `argv` once with `content` on stdin, framed by the profile's one-shot
+/// adapter (text, or a claude user line that keeps image blocks). Every
+/// [`Signal`] is passed to `on_signal` as it arrives (deltas, agent events).
 pub async fn run(
     profile: &AgentProfile,
     argv: Vec<String>,
     cwd: Option<PathBuf>,
-    content: &str,
+    content: &Content,
     timeout: Duration,
     max_output: usize,
     mut on_signal: impl FnMut(&Signal),
@@ -85,10 +87,10 @@ pub async fn run(
     let mut held = match adapter.start(&dir.unwrap_or_default(), None) {
         Some(hello) => {
             child.write(hello);
-            Some(content.to_string())
+            Some(content.clone())
         }
         None => {
-            child.write(adapter.frame(content));
+            child.write(adapter.frame_content(content));
             child.close_stdin();
             None
         }
@@ -132,7 +134,7 @@ pub async fn run(
                 }
                 Signal::Ready => {
                     if let Some(content) = held.take() {
-                        child.write(adapter.frame(&content));
+                        child.write(adapter.frame_content(&content));
                     }
                 }
                 // The reply is complete; such agents need not exit at stdin's end.

@@ -29,10 +29,12 @@ impl StreamJson {
         StreamJson::default()
     }
 
-    /// Adapter for a one-shot run: same events, the content is the prompt itself.
-    pub fn oneshot() -> StreamJson {
+    /// Adapter for a one-shot run: same events. With `json_input` (the
+    /// command has `--input-format stream-json`) the content is one user line,
+    /// blocks and all; without it the content's text is the prompt itself.
+    pub fn oneshot(json_input: bool) -> StreamJson {
         StreamJson {
-            plain_input: true,
+            plain_input: !json_input,
             ..StreamJson::default()
         }
     }
@@ -422,6 +424,22 @@ mod tests {
             request_id: "x".into(),
             error: Some("invalid_mode".into())
         }));
+    }
+
+    #[test]
+    fn one_shot_framing_follows_the_input_format() {
+        let image = json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}});
+        let content = crate::content::Content::Blocks(vec![
+            json!({"type": "text", "text": "look"}),
+            image.clone(),
+        ]);
+        let line = StreamJson::oneshot(true).frame_content(&content);
+        let v: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["type"], "user");
+        assert_eq!(v["message"]["content"][1], image);
+        assert!(line.ends_with(b"\n"));
+        let plain = StreamJson::oneshot(false).frame_content(&content);
+        assert_eq!(&plain[..], b"look");
     }
 
     #[test]

@@ -159,7 +159,9 @@ pub fn persistent(profile: &AgentProfile) -> Box<dyn Adapter> {
 pub fn oneshot(profile: &AgentProfile) -> Box<dyn Adapter> {
     match profile.protocol {
         ProtocolKind::Lines => Box::new(lines::Passthrough::default()),
-        ProtocolKind::ClaudeStreamJson => Box::new(claude::StreamJson::oneshot()),
+        ProtocolKind::ClaudeStreamJson => {
+            Box::new(claude::StreamJson::oneshot(profile.oneshot_takes_blocks()))
+        }
         // The same adapter: `oneshot::run` drives the handshake, then ends the child after the reply.
         ProtocolKind::Acp => Box::new(acp::Acp::new()),
     }
