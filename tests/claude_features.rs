@@ -484,6 +484,33 @@ async fn an_image_block_reaches_the_model_through_one_shot_runs() {
     rig.gw.stop().await;
 }
 
+/// The console served at `/` has an image upload control, sends attached
+/// images as image blocks and draws image blocks of user messages. (Its
+/// behaviour in a browser, with the real CLI, is checked by
+/// `scripts/contract/browser.test.mjs`; this is what `cargo test` can see.)
+#[tokio::test]
+async fn the_console_attaches_images_and_shows_image_blocks() {
+    let gw = Gateway::start(|_| {}).await;
+    let res = gw.get("/").await;
+    assert_eq!(res.status(), 200);
+    let page = res.text().await.unwrap();
+    assert!(
+        page.contains(r#"<input id="attach" type="file" accept="image/png,image/jpeg,image/gif,image/webp" multiple"#),
+        "an upload control for the image types the API takes"
+    );
+    assert!(
+        page.contains(
+            r#"{type: "image", source: {type: "base64", media_type: a.media_type, data: a.data}}"#
+        ),
+        "attachments are sent as image blocks"
+    );
+    assert!(
+        page.contains("el(\"img\", {src: `data:${b.source.media_type};base64,${b.source.data}`"),
+        "image blocks of a message are drawn"
+    );
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn session_usage_is_the_sum_of_its_messages() {
     let rig = Rig::start(|_| {}, |_| {}).await;
