@@ -278,6 +278,10 @@ pub struct AgentProfile {
     /// A running message whose child prints nothing for this long fails
     /// with `stalled` and the child is ended; `None`: never.
     pub stall_timeout: Option<Duration>,
+    /// claude: a prewarmed child gets the protocol's warm-up request as it
+    /// starts (a local context breakdown, no model call), which takes part
+    /// of the first turn's work off the first message.
+    pub warm_up: bool,
 }
 
 /// Checks a profile's `cwd_template`: absolute, `{owner}` once and as one
@@ -412,6 +416,7 @@ struct RawProfile {
     permission_timeout: Option<String>,
     client_options: Option<crate::options::ClientOptions>,
     stall_timeout: Option<String>,
+    warm_up: Option<bool>,
 }
 
 /// A configuration error: names the file, the profile and the field.
@@ -887,6 +892,7 @@ fn resolve_profile(file: &str, name: &str, raw: RawProfile) -> Result<AgentProfi
         )?,
         client_options,
         stall_timeout,
+        warm_up: raw.warm_up.unwrap_or(true),
     })
 }
 
@@ -922,6 +928,7 @@ pub fn demo_profile(self_exe: &Path) -> AgentProfile {
         permission_timeout: Duration::from_secs(300),
         client_options: Default::default(),
         stall_timeout: None,
+        warm_up: true,
     }
 }
 
@@ -976,6 +983,7 @@ pub fn claude_profile(bin: &Path) -> AgentProfile {
         permission_timeout: Duration::from_secs(300),
         client_options: Default::default(),
         stall_timeout: Some(CLAUDE_STALL_TIMEOUT),
+        warm_up: true,
     }
 }
 
