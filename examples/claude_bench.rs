@@ -12,8 +12,14 @@
 //! - **one-shot**: `POST /oneshot` (`claude -p`, one process per message);
 //! - **cold**: `POST /sessions` then its first message (the child starts now);
 //! - **prewarmed**: `POST /sessions` on a profile with `prewarm = 1` (the
-//!   child was started `--settle` seconds ahead), then its first message;
+//!   child was started `--settle` seconds ahead and got the warm-up request,
+//!   `warm_up = true`), then its first message; and the same with
+//!   `warm_up = false` (**prewarmed, no warm-up**: the child only waited);
 //! - **warm**: the next message of a session whose child already answered.
+//!
+//! Every request the mock API received is counted at the end: the warm-up
+//! must add none (the run fails if any request other than one model call per
+//! reply arrived, `count_tokens` included).
 //!
 //! The same CLI is also driven directly, with no gateway: `claude -p` spawned
 //! per message, and a persistent stream-json child written to and read over
@@ -83,7 +89,10 @@ fn main() {
     let mut prewarmed = profile.clone();
     prewarmed.name = "claude-prewarmed".into();
     prewarmed.prewarm = 1;
-    let served = Served::start(&gw_rt, config_with(vec![profile, prewarmed]));
+    let mut plain = prewarmed.clone();
+    plain.name = "claude-prewarmed-plain".into();
+    plain.warm_up = false;
+    let served = Served::start(&gw_rt, config_with(vec![profile, prewarmed, plain]));
     let base = served.base.clone();
     println!(
         "claude {version} ({}), mock API {}, gateway {base}; {} runs of each kind\n",
@@ -91,8 +100,31 @@ fn main() {
         mock.base_url(),
         args.runs
     );
-    let report = client_rt.block_on(bench(&base, &args, &direct));
+    let mut report = client_rt.block_on(bench(&base, &args, &direct));
     served.stop(&gw_rt);
+    // One model call per reply and nothing else: the warm-up calls no API.
+    let recorded = mock.recorded();
+    let model_calls = recorded
+        .iter()
+        .filter(|r| r.kind == mock_anthropic::RequestKind::Conversation)
+        .count();
+    let other: Vec<String> = recorded
+        .iter()
+        .filter(|r| r.kind != mock_anthropic::RequestKind::Conversation)
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    let replies = report["replies"].as_u64().unwrap_or(0) as usize;
+    println!(
+        "mock API: {model_calls} model calls for {replies} replies, {} other requests {other:?}",
+        other.len()
+    );
+    assert_eq!(model_calls, replies, "one model call per reply");
+    assert!(
+        other.is_empty(),
+        "no other API request (count_tokens included)"
+    );
+    report["model_calls"] = json!(model_calls);
+    report["other_api_requests"] = json!(other.len());
     drop(mock);
     if let Some(path) = &args.json {
         let mut report = report;
@@ -124,16 +156,21 @@ impl Direct {
         cmd
     }
 
-    /// `claude -p` with `content` on stdin, until it exits.
+    /// `claude -p` with `content` on stdin (one stream-json user line, as
+    /// the profile's one-shot command reads it), until it exits.
     async fn oneshot(&self, content: &str) -> Duration {
         use tokio::io::AsyncWriteExt;
+        let line = json!({"type": "user", "message": {"role": "user", "content": content}});
         let t0 = Instant::now();
         let mut child = self
             .command(&self.oneshot_argv)
             .spawn()
             .expect("spawn claude -p");
         let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(content.as_bytes()).await.unwrap();
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .unwrap();
         drop(stdin);
         let out = child.wait_with_output().await.expect("claude -p");
         let d = t0.elapsed();
@@ -204,6 +241,7 @@ async fn bench(base: &str, a: &Args, direct: &Direct) -> Value {
         Kind::default(),
     );
     let (mut d_oneshot, mut d_warm) = (Kind::default(), Kind::default());
+    let mut pre_plain = Kind::default();
     let mut d_child = direct.persistent();
     d_child.message("warm-up").await;
     direct.oneshot("warm-up").await;
@@ -234,19 +272,29 @@ async fn bench(base: &str, a: &Args, direct: &Direct) -> Value {
         cold.gw_cpu.push(gateway_cpu() - g0);
         b.delete(&id).await;
 
-        // Prewarmed: the session takes a child started `settle` s ago.
-        b.warm_pool_ready("claude-prewarmed", a.settle).await;
-        let g0 = gateway_cpu();
-        let (id, pid) = b.create("claude-prewarmed").await;
-        let c0 = group_cpu(pid);
-        let (first, done) = b.message(&id, &format!("prewarmed {round}")).await;
-        pre.latency.push(done);
-        pre.first_delta.push(first);
-        let c1 = group_cpu(pid);
-        pre.child_cpu.push(c1 - c0);
-        pre.child_cpu_since_start.push(c1);
-        pre.gw_cpu.push(gateway_cpu() - g0);
-        b.delete(&id).await;
+        // Prewarmed: the session takes a child started `settle` s ago, with
+        // the warm-up and (the other one first in odd rounds) without.
+        let mut order = [
+            ("claude-prewarmed", &mut pre),
+            ("claude-prewarmed-plain", &mut pre_plain),
+        ];
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for (agent, kind) in order {
+            b.warm_pool_ready(agent, a.settle).await;
+            let g0 = gateway_cpu();
+            let (id, pid) = b.create(agent).await;
+            let c0 = group_cpu(pid);
+            let (first, done) = b.message(&id, &format!("{agent} {round}")).await;
+            kind.latency.push(done);
+            kind.first_delta.push(first);
+            let c1 = group_cpu(pid);
+            kind.child_cpu.push(c1 - c0);
+            kind.child_cpu_since_start.push(c1);
+            kind.gw_cpu.push(gateway_cpu() - g0);
+            b.delete(&id).await;
+        }
 
         // The floor: the same CLI without the gateway.
         let c0 = reaped_children_cpu();
@@ -277,6 +325,7 @@ async fn bench(base: &str, a: &Args, direct: &Direct) -> Value {
         ("one-shot (POST /oneshot)", &oneshot),
         ("cold session, first message", &cold),
         ("prewarmed session, first message", &pre),
+        ("prewarmed, no warm-up, first msg", &pre_plain),
         ("warm session, next message", &warm),
         ("direct: claude -p, no gateway", &d_oneshot),
         ("direct: persistent child, pipes", &d_warm),
@@ -296,13 +345,20 @@ async fn bench(base: &str, a: &Args, direct: &Direct) -> Value {
         mean(&warm.gw_cpu),
     );
     println!(
-        "first delta p50: cold {:.1} ms, prewarmed {:.1} ms, warm {:.1} ms",
+        "first delta p50: cold {:.1} ms, prewarmed {:.1} ms (no warm-up {:.1} ms), warm {:.1} ms",
         pct(&cold.first_delta, 50.0),
         pct(&pre.first_delta, 50.0),
+        pct(&pre_plain.first_delta, 50.0),
         pct(&warm.first_delta, 50.0)
     );
     let w = warm.json();
     let p = pre.json();
+    let pp = pre_plain.json();
+    println!(
+        "prewarmed first message / warm message (p50): {:.2}x with the warm-up, {:.2}x without (target <= 2x)",
+        p["p50_ms"].as_f64().unwrap() / w["p50_ms"].as_f64().unwrap(),
+        pp["p50_ms"].as_f64().unwrap() / w["p50_ms"].as_f64().unwrap(),
+    );
     println!(
         "targets: warm {:.1} % of one-shot (<= 5 %), prewarmed first {:.1} % (<= 15 %), CPU per warm message {:.1} % below one-shot (>= 90 %)",
         100.0 * w["p50_ms"].as_f64().unwrap() / one["p50_ms"].as_f64().unwrap(),
@@ -311,7 +367,9 @@ async fn bench(base: &str, a: &Args, direct: &Direct) -> Value {
     );
     json!({
         "runs": a.runs, "settle_s": a.settle,
-        "oneshot": one, "cold": cold.json(), "prewarmed": p, "warm": w,
+        "oneshot": one, "cold": cold.json(), "prewarmed": p, "prewarmed_no_warm_up": pp, "warm": w,
+        // The gateway's and the direct replies, each one model call (warm-ups included).
+        "replies": 4 + 7 * a.runs,
         "direct_oneshot": d_oneshot.json(), "direct_warm": d_warm.json(),
     })
 }

@@ -285,6 +285,10 @@ pub struct AgentProfile {
     /// A running message whose child prints nothing for this long fails
     /// with `stalled` and the child is ended; `None`: never.
     pub stall_timeout: Option<Duration>,
+    /// claude: a prewarmed child gets the protocol's warm-up request as it
+    /// starts (a local context breakdown, no model call), which takes part
+    /// of the first turn's work off the first message.
+    pub warm_up: bool,
 }
 
 /// Checks a profile's `cwd_template`: absolute, `{owner}` once and as one
@@ -324,6 +328,26 @@ impl AgentProfile {
         let mut roots = self.cwd_roots.clone();
         roots.extend(self.cwd_template_base());
         roots
+    }
+
+    /// Whether a one-shot run of this profile writes its content as a
+    /// stream-json user line (claude, with `--input-format stream-json` in
+    /// the one-shot command) and so can carry content blocks, images too.
+    pub fn oneshot_takes_blocks(&self) -> bool {
+        if self.protocol != ProtocolKind::ClaudeStreamJson {
+            return false;
+        }
+        let argv = self.oneshot_command.as_ref().unwrap_or(&self.command);
+        argv.iter().enumerate().any(|(i, a)| {
+            a == "--input-format=stream-json"
+                || (a == "--input-format" && argv.get(i + 1).is_some_and(|v| v == "stream-json"))
+        })
+    }
+
+    /// Whether a message with images can be delivered: by the persistent
+    /// child, or by a one-shot run that takes blocks.
+    pub fn takes_images(&self) -> bool {
+        self.protocol.carries_images() && (self.persistent || self.oneshot_takes_blocks())
     }
 
     /// The argv of a persistent child; claude children resume `resume` and
@@ -399,6 +423,7 @@ struct RawProfile {
     permission_timeout: Option<String>,
     client_options: Option<crate::options::ClientOptions>,
     stall_timeout: Option<String>,
+    warm_up: Option<bool>,
 }
 
 /// A configuration error: names the file, the profile and the field.
@@ -874,6 +899,7 @@ fn resolve_profile(file: &str, name: &str, raw: RawProfile) -> Result<AgentProfi
         )?,
         client_options,
         stall_timeout,
+        warm_up: raw.warm_up.unwrap_or(true),
     })
 }
 
@@ -909,6 +935,7 @@ pub fn demo_profile(self_exe: &Path) -> AgentProfile {
         permission_timeout: Duration::from_secs(300),
         client_options: Default::default(),
         stall_timeout: None,
+        warm_up: true,
     }
 }
 
@@ -932,7 +959,16 @@ pub fn claude_profile(bin: &Path) -> AgentProfile {
             "--verbose",
             "--include-partial-messages",
         ]),
-        oneshot_command: Some(argv(&["-p", "--output-format", "stream-json", "--verbose"])),
+        // Stream-json input too: the content goes as one user line, so a
+        // one-shot run carries image blocks like a persistent child.
+        oneshot_command: Some(argv(&[
+            "-p",
+            "--input-format",
+            "stream-json",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+        ])),
         protocol: ProtocolKind::ClaudeStreamJson,
         ending: None,
         continuation_prompt: None,
@@ -954,6 +990,7 @@ pub fn claude_profile(bin: &Path) -> AgentProfile {
         permission_timeout: Duration::from_secs(300),
         client_options: Default::default(),
         stall_timeout: Some(CLAUDE_STALL_TIMEOUT),
+        warm_up: true,
     }
 }
 
@@ -999,6 +1036,29 @@ mod tests {
         assert!(matches!(py.ending, Some(LineEnding::Prompt(ref s)) if s == ">>> "));
         assert_eq!(py.timeout, Duration::from_secs(600));
         assert_eq!(py.env["PYTHONIOENCODING"], "utf-8");
+    }
+
+    #[test]
+    fn images_need_a_child_that_takes_blocks() {
+        let mut p = claude_profile(Path::new("/bin/claude"));
+        assert!(
+            p.oneshot_takes_blocks(),
+            "the built-in one-shot reads stream-json"
+        );
+        p.persistent = false;
+        assert!(p.takes_images());
+        p.oneshot_command = Some(vec!["claude".into(), "-p".into()]);
+        assert!(!p.oneshot_takes_blocks());
+        assert!(!p.takes_images());
+        p.oneshot_command = Some(vec!["claude".into(), "--input-format=stream-json".into()]);
+        assert!(p.takes_images());
+        p.persistent = true;
+        p.oneshot_command = None;
+        assert!(p.takes_images(), "a persistent child takes them");
+        let py =
+            &parse("[agents.py]\ncommand=[\"python3\"]\nprotocol=\"lines\"\nprompt=\">>> \"\n")
+                .unwrap()["py"];
+        assert!(!py.oneshot_takes_blocks() && !py.takes_images());
     }
 
     #[test]

@@ -320,8 +320,10 @@ pub struct AgentList {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OneshotRequest {
-    /// The input, written to the program's stdin.
-    pub content: String,
+    /// The input: a string, or a list of text and image blocks (checked by
+    /// [`crate::content::parse`]; images only for profiles whose one-shot
+    /// command takes them). Written to the program's stdin.
+    pub content: Value,
     /// Profile name; the default profile when absent.
     pub agent: Option<String>,
     /// Timeout in milliseconds (default: the profile's).

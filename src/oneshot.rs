@@ -13,6 +13,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::config::{AgentProfile, ProtocolKind};
+use crate::content::Content;
 use crate::model::{FailureCode, MessageError, MessageStatus};
 use crate::process::{child_env, describe_exit, ChildEvent, ChildProcess, SpawnSpec};
 use crate::protocol::{self, Signal};
@@ -38,13 +39,14 @@ pub struct RunResult {
     pub duration: Duration,
 }
 
-/// Runs `argv` once with `content` on stdin. Every [`Signal`] is passed to
-/// `on_signal` as it arrives (deltas, agent events).
+/// Runs `argv` once with `content` on stdin, framed by the profile's one-shot
+/// adapter (text, or a claude user line that keeps image blocks). Every
+/// [`Signal`] is passed to `on_signal` as it arrives (deltas, agent events).
 pub async fn run(
     profile: &AgentProfile,
     argv: Vec<String>,
     cwd: Option<PathBuf>,
-    content: &str,
+    content: &Content,
     timeout: Duration,
     max_output: usize,
     mut on_signal: impl FnMut(&Signal),
@@ -82,20 +84,31 @@ pub async fn run(
     // and the content once the agent is ready; the others get the content
     // and the end of stdin at once.
     let dir = spec.cwd.clone().or_else(|| std::env::current_dir().ok());
+    // Content the agent cannot take (an image to an ACP agent that does not
+    // advertise images) fails the run before it reaches the agent.
+    let mut failure: Option<(FailureCode, String)> = None;
+    let unsupported = |why: String, child: &ChildProcess| {
+        child.signal(Sig::SIGKILL);
+        Some((FailureCode::UnsupportedContent, why))
+    };
     let mut held = match adapter.start(&dir.unwrap_or_default(), None) {
         Some(hello) => {
             child.write(hello);
-            Some(content.to_string())
+            Some(content.clone())
         }
         None => {
-            child.write(adapter.frame(content));
+            match adapter.frame_content(content) {
+                Ok(input) => {
+                    child.write(input);
+                }
+                Err(why) => failure = unsupported(why, &child),
+            }
             child.close_stdin();
             None
         }
     };
     let spoke_first = held.is_some();
     let deadline = started + timeout;
-    let mut failure: Option<(FailureCode, String)> = None;
     let mut done: Option<Result<Option<String>, (FailureCode, String)>> = None;
     let mut stderr = Vec::new();
     let status = loop {
@@ -132,7 +145,12 @@ pub async fn run(
                 }
                 Signal::Ready => {
                     if let Some(content) = held.take() {
-                        child.write(adapter.frame(&content));
+                        match adapter.frame_content(&content) {
+                            Ok(input) => {
+                                child.write(input);
+                            }
+                            Err(why) => failure = unsupported(why, &child),
+                        }
                     }
                 }
                 // The reply is complete; such agents need not exit at stdin's end.

@@ -1,7 +1,8 @@
 //! The real Claude Code CLI behind the gateway, offline against the suite's
 //! mock of the Anthropic Messages API: context, deltas, agent events, resume
 //! after reaping and after kill -9, interrupt, permission relay, one-shot,
-//! fallback and prewarm.
+//! fallback and prewarm (with the warm-up request, also against a stand-in
+//! CLI that logs its stdin).
 
 mod common;
 #[path = "support/mock_anthropic.rs"]
@@ -323,6 +324,13 @@ async fn a_prewarmed_claude_child_answers_the_first_message() {
     assert!(before.contains(&pid), "the session got the warm child");
     let m = rig.gw.ask(s["id"].as_str().unwrap(), "warm hello").await;
     assert_eq!(m["output"], "mock reply #1: messages=2; last=warm hello");
+    // The warm-up (a local context breakdown) called no API: one model call, no count_tokens.
+    let kinds: Vec<_> = rig.mock.recorded().iter().map(|r| r.kind).collect();
+    assert_eq!(
+        kinds,
+        [mock_anthropic::RequestKind::Conversation],
+        "{kinds:?}"
+    );
     eventually(T, || async { warm().await == 1 }).await;
     rig.gw.stop().await;
 }
@@ -364,4 +372,99 @@ async fn a_model_api_error_fails_the_message_with_agent_error() {
     let ok = rig.gw.ask(&id, "this one works").await;
     assert_eq!(ok["status"], "completed", "{ok}");
     rig.gw.stop().await;
+}
+
+/// A stand-in for the claude CLI speaking stream-json: logs every stdin line
+/// to `argv[1]`, answers control requests with success and user lines with
+/// `system/init`, `assistant`, `result`.
+const FAKE_CLAUDE: &str = r#"
+import json, sys
+log = open(sys.argv[1], "a", buffering=1)
+for line in sys.stdin:
+    log.write(line)
+    m = json.loads(line)
+    if m.get("type") == "control_request":
+        print(json.dumps({"type": "control_response", "response": {"subtype": "success", "request_id": m["request_id"], "response": {"categories": []}}}), flush=True)
+    elif m.get("type") == "user":
+        text = "echo: " + m["message"]["content"]
+        print(json.dumps({"type": "system", "subtype": "init", "session_id": "fake-1"}), flush=True)
+        print(json.dumps({"type": "assistant", "message": {"content": [{"type": "text", "text": text}]}}), flush=True)
+        print(json.dumps({"type": "result", "subtype": "success", "is_error": False, "result": text, "session_id": "fake-1"}), flush=True)
+"#;
+
+/// The stdin lines a fake child logged, parsed.
+fn logged(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_warm_claude_child_gets_the_warm_up_and_its_answer_stays_out_of_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("fake_claude.py");
+    std::fs::write(&script, FAKE_CLAUDE).unwrap();
+    let (with, without) = (
+        dir.path().join("with.jsonl"),
+        dir.path().join("without.jsonl"),
+    );
+    let profile = |name: &str, log: &std::path::Path, warm_up: bool| {
+        format!(
+            "[agents.{name}]\ncommand = [\"python3\", \"-u\", {:?}, {:?}]\nprotocol = \"claude-stream-json\"\nprewarm = 1\nwarm_up = {warm_up}\nstop_grace = \"1s\"\n",
+            script.display().to_string(),
+            log.display().to_string()
+        )
+    };
+    let toml = profile("with", &with, true) + &profile("without", &without, false);
+    let gw = Gateway::start(|c| c.add_profiles_toml("fake", &toml).unwrap()).await;
+    // The warm-up is written as the child starts, before any session exists.
+    eventually(T, || async { !logged(&with).is_empty() }).await;
+    let first = &logged(&with)[0];
+    assert_eq!(first["type"], "control_request");
+    assert_eq!(first["request"]["subtype"], "get_context_usage");
+    assert_eq!(
+        first["request"]["detail"], "summary",
+        "no token-count calls"
+    );
+
+    for (agent, log, lines) in [("with", &with, 2), ("without", &without, 1)] {
+        let warm = || async {
+            gw.get_json("/agents").await["agents"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|a| a["name"] == agent)
+                .unwrap()["warm"]
+                .as_u64()
+                .unwrap()
+        };
+        eventually(T, || async { warm().await == 1 }).await;
+        let before = children_of_this_process();
+        let s = gw.create(agent).await;
+        let pid = s["pid"].as_u64().unwrap() as u32;
+        assert!(
+            before.contains(&pid),
+            "{agent}: the session got the warm child"
+        );
+        let id = s["id"].as_str().unwrap();
+        let res = gw.stream(id, json!({"content": "hi"})).await;
+        let items = read_sse(res, T, |i| i.event.as_deref() == Some("message.completed")).await;
+        assert_eq!(items.last().unwrap().data["output"], "echo: hi", "{agent}");
+        let kinds: Vec<&str> = items
+            .iter()
+            .filter(|i| i.event.as_deref() == Some("message.agent_event"))
+            .map(|i| i.data["event"]["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            kinds,
+            ["system", "assistant", "result"],
+            "{agent}: no warm-up answer"
+        );
+        let lines_seen = logged(log);
+        assert_eq!(lines_seen.len(), lines, "{agent}: {lines_seen:?}");
+        assert_eq!(lines_seen.last().unwrap()["type"], "user", "{agent}");
+    }
+    gw.stop().await;
 }

@@ -423,6 +423,94 @@ async fn an_image_block_arrives_intact_and_bad_ones_are_refused() {
     rig.gw.stop().await;
 }
 
+/// One-shot runs (a session in fallback mode, `POST /oneshot`) write the
+/// content as a stream-json user line, so images reach the model there too.
+#[tokio::test]
+async fn an_image_block_reaches_the_model_through_one_shot_runs() {
+    let rig = Rig::start(|p| p.persistent = false, |_| {}).await;
+    let data = base64::engine::general_purpose::STANDARD.encode(png_bytes());
+    let image = json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}});
+    let content = json!([{"type": "text", "text": "what is this"}, image]);
+
+    let id = rig.session_with(json!({})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let res = rig
+        .gw
+        .post(
+            &format!("/sessions/{id}/messages?wait=true"),
+            json!({"content": content}),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let m: Value = res.json().await.unwrap();
+    assert_eq!(m["status"], "completed", "{m}");
+    assert_eq!(m["fallback"], true, "{m}");
+    let body = rig.last_request();
+    assert_eq!(
+        image_blocks(&body),
+        std::slice::from_ref(&image),
+        "the fallback run's model request carries the image"
+    );
+    assert!(user_texts(&body).contains(&"what is this".to_string()));
+    // The next fallback run resumes the conversation: the image is still in it.
+    let m = rig.gw.ask(&id, "and now?").await;
+    assert_eq!(m["status"], "completed", "{m}");
+    let body = rig.last_request();
+    assert_eq!(body["messages"].as_array().unwrap().len(), 4, "{body}");
+    assert_eq!(image_blocks(&body), std::slice::from_ref(&image));
+
+    let res = rig
+        .gw
+        .post("/oneshot", json!({"agent": "claude", "content": content}))
+        .await;
+    assert_eq!(res.status(), 200);
+    let out: Value = res.json().await.unwrap();
+    assert_eq!(out["status"], "completed", "{out}");
+    let body = rig.last_request();
+    assert_eq!(body["messages"].as_array().unwrap().len(), 2, "{body}");
+    assert_eq!(
+        image_blocks(&body),
+        std::slice::from_ref(&image),
+        "the /oneshot run's model request carries the image"
+    );
+    // A text-only program still cannot take one.
+    let res = rig
+        .gw
+        .post("/oneshot", json!({"agent": "sed", "content": content}))
+        .await;
+    assert_problem(res, 400).await;
+    rig.gw.stop().await;
+}
+
+/// The console served at `/` has an image upload control, sends attached
+/// images as image blocks and draws image blocks of user messages. (Its
+/// behaviour in a browser, with the real CLI, is checked by
+/// `scripts/contract/browser.test.mjs`; this is what `cargo test` can see.)
+#[tokio::test]
+async fn the_console_attaches_images_and_shows_image_blocks() {
+    let gw = Gateway::start(|_| {}).await;
+    let res = gw.get("/").await;
+    assert_eq!(res.status(), 200);
+    let page = res.text().await.unwrap();
+    assert!(
+        page.contains(r#"<input id="attach" type="file" accept="image/png,image/jpeg,image/gif,image/webp" multiple"#),
+        "an upload control for the image types the API takes"
+    );
+    assert!(
+        page.contains(
+            r#"{type: "image", source: {type: "base64", media_type: a.media_type, data: a.data}}"#
+        ),
+        "attachments are sent as image blocks"
+    );
+    assert!(
+        page.contains("el(\"img\", {src: `data:${b.source.media_type};base64,${b.source.data}`"),
+        "image blocks of a message are drawn"
+    );
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn session_usage_is_the_sum_of_its_messages() {
     let rig = Rig::start(|_| {}, |_| {}).await;

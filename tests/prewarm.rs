@@ -1,4 +1,6 @@
-//! Prewarm: a warm child is handed to a new session and replaced.
+//! Prewarm: a warm child is handed to a new session and replaced. (The
+//! claude warm-up request is tested in `tests/claude.rs`: this file's test
+//! wants no other children in the process.)
 
 mod common;
 

@@ -195,6 +195,51 @@ test("console: permission prompts of the real claude CLI get Allow and Deny butt
   await page.close();
 });
 
+test("console: an attached image goes as an image block, shows with its message and reaches the real claude CLI", async () => {
+  // A 1×1 PNG.
+  const png = Buffer.from("89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d49444154789c6360000002000001e221bc330000000049454e44ae426082", "hex");
+  const src = `data:image/png;base64,${png.toString("base64")}`;
+  const { page, problems } = await openPage(`${GATEWAY_URL}/`);
+  await page.waitForSelector('body[data-ready="true"]');
+  const id = await newSession(page, "asker");
+  await page.setInputFiles("#attach", { name: "dot.png", mimeType: "image/png", buffer: png });
+  await page.waitForSelector('#attachments figure[data-media-type="image/png"] img');
+  await send(page, "what is this");
+  await page.waitForSelector('.msg[data-status="completed"]');
+  assert.equal(await page.locator("#attachments figure").count(), 0, "sending clears the attachments");
+  // The gateway got text and image blocks; the model got the image (the CLI
+  // follows it with an `[Image: source: …]` text block, which the mock echoes).
+  const { messages } = await (await fetch(`${GATEWAY_URL}/sessions/${id}/messages`)).json();
+  assert.deepEqual(messages[0].input, [
+    { type: "text", text: "what is this" },
+    { type: "image", source: { type: "base64", media_type: "image/png", data: png.toString("base64") } },
+  ]);
+  assert.match((await replies(page))[0], /last=\[Image/);
+  // The message shows its text and its image, decoded by the browser.
+  const shown = async () => {
+    await page.waitForFunction(() => {
+      const img = document.querySelector(".msg .input img");
+      return img && img.complete && img.naturalWidth === 1;
+    });
+    assert.equal(await page.locator(".msg .input img").getAttribute("src"), src);
+    assert.match((await inputs(page))[0], /^what is this/);
+  };
+  await shown();
+  // After a reload the history shows it the same way.
+  await page.reload();
+  await page.waitForSelector('body[data-ready="true"]');
+  await page.waitForSelector('.msg[data-status="completed"]');
+  await shown();
+  // Only images can be attached.
+  await page.setInputFiles("#attach", { name: "notes.txt", mimeType: "text/plain", buffer: Buffer.from("hi") });
+  await page.waitForSelector("#error:has-text('only png, jpeg, gif and webp')");
+  assert.equal(await page.locator("#attachments figure").count(), 0);
+  await page.click("#close-session");
+  await page.waitForSelector('#session-state[data-state="closed"]');
+  assert.deepEqual(problems, []);
+  await page.close();
+});
+
 test("examples/stream.html streams a POST with fetch + ReadableStream from another origin", async () => {
   const { page, problems } = await openPage(`${EXAMPLES_URL}/stream.html?gateway=${encodeURIComponent(GATEWAY_URL)}`);
   await watchText(page, "#output");

@@ -18,7 +18,7 @@
 #     Chromium (playwright-core); screenshots go to target/contract/; then
 #     the console with --token and with a JWT (it asks for the token; a
 #     reply carrying <script> renders as text and runs nothing). The
-#     console's permission buttons answer the real Claude Code CLI
+#     console's permission buttons and image attachments go to the real Claude Code CLI
 #     ($AGENTGATE_TEST_CLAUDE_BIN, exported by scripts/test.sh; required) talking
 #     to the test suite's mock of the Anthropic API (examples/mock_anthropic.rs).
 #

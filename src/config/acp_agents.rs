@@ -65,6 +65,7 @@ fn acp_profile(
         permission_timeout: Duration::from_secs(300),
         client_options: Default::default(),
         stall_timeout: None,
+        warm_up: true,
     }
 }
 

@@ -18,6 +18,7 @@ use super::sse::{self, Scope};
 use super::{json_response, problem, AppState};
 use crate::auth::Caller;
 use crate::cluster::{Command, StoreFeed};
+use crate::config::AgentProfile;
 use crate::error::ApiError;
 use crate::model::{
     Agent, AgentList, CreateSession, FailureCode, ForkSession, Health, MessageList, MessageStatus,
@@ -385,6 +386,20 @@ fn audit(action: &'static str, caller: &Caller, session_id: &str, detail: &str) 
     );
 }
 
+/// The 400 for images sent to a profile that cannot deliver them.
+fn images_refused(profile: &AgentProfile) -> ApiError {
+    ApiError::BadRequest(format!(
+        "profile {:?} cannot take images (protocol {}{})",
+        profile.name,
+        profile.protocol.as_str(),
+        if profile.protocol.carries_images() {
+            ", and its one-shot command takes text only (claude: add --input-format stream-json)"
+        } else {
+            ""
+        }
+    ))
+}
+
 /// `POST /sessions/{id}/messages`
 pub async fn send_message(
     id: String,
@@ -405,17 +420,8 @@ pub async fn send_message(
                 crate::content::parse(req.content, state.registry.config.max_image_bytes)?;
             let profile = located.profile();
             let profile = &profile;
-            if content.has_images() && !(profile.protocol.carries_images() && profile.persistent) {
-                return Err(ApiError::BadRequest(format!(
-                    "profile {:?} cannot take images (protocol {}{})",
-                    profile.name,
-                    profile.protocol.as_str(),
-                    if profile.persistent {
-                        ""
-                    } else {
-                        ", one-shot runs take text only"
-                    }
-                )));
+            if content.has_images() && !profile.takes_images() {
+                return Err(images_refused(profile));
             }
             let handle = match located {
                 Located::Here(h) => h,
@@ -845,6 +851,10 @@ pub async fn oneshot(
             let registry = &state.registry;
             let profile = registry.profile(req.agent.as_deref())?;
             caller.check_agent(&profile.name)?;
+            let content = crate::content::parse(req.content, registry.config.max_image_bytes)?;
+            if content.has_images() && !profile.oneshot_takes_blocks() {
+                return Err(images_refused(&profile));
+            }
             let cwd = registry.oneshot_cwd(&profile, &caller)?;
             // Held by the run's task: released when it ends, is aborted or its client leaves.
             let permit = state.oneshots.clone().try_acquire_owned().map_err(|_| {
@@ -874,7 +884,7 @@ pub async fn oneshot(
                         &task_profile,
                         argv,
                         cwd,
-                        &req.content,
+                        &content,
                         timeout,
                         config.max_output,
                         |signal| {

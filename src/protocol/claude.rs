@@ -12,6 +12,9 @@ use serde_json::{json, Value};
 use super::{Adapter, Outcome, Signal};
 use crate::model::{FailureCode, PermissionBehavior, PermissionDecision};
 
+/// The request id of the warm-up control request ([`Adapter::warm_up`]).
+const WARM_UP_ID: &str = "agentgate-warm-up";
+
 /// Adapter for the Claude Code CLI in stream-json mode.
 #[derive(Debug, Default)]
 pub struct StreamJson {
@@ -29,10 +32,12 @@ impl StreamJson {
         StreamJson::default()
     }
 
-    /// Adapter for a one-shot run: same events, the content is the prompt itself.
-    pub fn oneshot() -> StreamJson {
+    /// Adapter for a one-shot run: same events. With `json_input` (the
+    /// command has `--input-format stream-json`) the content is one user line,
+    /// blocks and all; without it the content's text is the prompt itself.
+    pub fn oneshot(json_input: bool) -> StreamJson {
         StreamJson {
-            plain_input: true,
+            plain_input: !json_input,
             ..StreamJson::default()
         }
     }
@@ -93,6 +98,14 @@ impl StreamJson {
             }
             "control_response" => {
                 let r = &event["response"];
+                // The warm-up's answer (a context breakdown) belongs to no
+                // session: whichever adapter reads it drops it.
+                if r["request_id"] == WARM_UP_ID {
+                    if r["subtype"] != "success" {
+                        tracing::debug!(response = %r, "the warm-up request failed");
+                    }
+                    return;
+                }
                 if let Some(id) = r["request_id"].as_str() {
                     let error = (r["subtype"] != "success").then(|| {
                         r["error"]
@@ -215,6 +228,22 @@ impl Adapter for StreamJson {
         .expect("a JSON value serialises");
         line.push(b'\n');
         Some((id, Bytes::from(line)))
+    }
+
+    /// `get_context_usage` with `detail: "summary"`: the CLI builds what a
+    /// model request needs (system prompt, tool schemas, memory files) and
+    /// estimates its size locally — no token-count or model call — which
+    /// takes most of the first turn's own work off the first message (see
+    /// docs/claude-cli-notes.md, "A faster first reply").
+    fn warm_up(&mut self) -> Option<Bytes> {
+        let mut line = serde_json::to_vec(&json!({
+            "type": "control_request",
+            "request_id": WARM_UP_ID,
+            "request": {"subtype": "get_context_usage", "detail": "summary"},
+        }))
+        .expect("a JSON value serialises");
+        line.push(b'\n');
+        Some(Bytes::from(line))
     }
 
     fn stdout(&mut self, chunk: &[u8], out: &mut Vec<Signal>) {
@@ -422,6 +451,32 @@ mod tests {
             request_id: "x".into(),
             error: Some("invalid_mode".into())
         }));
+    }
+
+    #[test]
+    fn one_shot_framing_follows_the_input_format() {
+        let image = json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}});
+        let content = crate::content::Content::Blocks(vec![
+            json!({"type": "text", "text": "look"}),
+            image.clone(),
+        ]);
+        let line = StreamJson::oneshot(true).frame_content(&content).unwrap();
+        let v: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["type"], "user");
+        assert_eq!(v["message"]["content"][1], image);
+        assert!(line.ends_with(b"\n"));
+        let plain = StreamJson::oneshot(false).frame_content(&content).unwrap();
+        assert_eq!(&plain[..], b"look");
+    }
+
+    #[test]
+    fn the_warm_up_answer_is_dropped() {
+        let mut a = StreamJson::new();
+        let v: Value = serde_json::from_slice(&a.warm_up().unwrap()).unwrap();
+        assert_eq!(v["request"]["subtype"], "get_context_usage");
+        assert_eq!(v["request"]["detail"], "summary", "no token-count calls");
+        let answer = format!("{{\"type\":\"control_response\",\"response\":{{\"subtype\":\"success\",\"request_id\":\"{}\",\"response\":{{\"categories\":[]}}}}}}\n", v["request_id"].as_str().unwrap());
+        assert_eq!(feed(&mut a, &answer), vec![], "no signal, no agent event");
     }
 
     #[test]

@@ -109,6 +109,13 @@ pub trait Adapter: Send {
     fn control(&mut self, _request: Value) -> Option<(String, Bytes)> {
         None
     }
+    /// Bytes a prewarmed child gets right after it starts so that it does
+    /// its first-turn preparation ahead of the first message, without a model
+    /// call; its answer is dropped by every adapter of the protocol. `None`
+    /// when the protocol has no such thing.
+    fn warm_up(&mut self) -> Option<Bytes> {
+        None
+    }
     /// Feeds stdout bytes.
     fn stdout(&mut self, chunk: &[u8], out: &mut Vec<Signal>);
     /// Feeds stderr bytes.
@@ -161,7 +168,9 @@ pub fn persistent(profile: &AgentProfile) -> Box<dyn Adapter> {
 pub fn oneshot(profile: &AgentProfile) -> Box<dyn Adapter> {
     match profile.protocol {
         ProtocolKind::Lines => Box::new(lines::Passthrough::default()),
-        ProtocolKind::ClaudeStreamJson => Box::new(claude::StreamJson::oneshot()),
+        ProtocolKind::ClaudeStreamJson => {
+            Box::new(claude::StreamJson::oneshot(profile.oneshot_takes_blocks()))
+        }
         // The same adapter: `oneshot::run` drives the handshake, then ends the child after the reply.
         ProtocolKind::Acp => Box::new(acp::Acp::new()),
     }

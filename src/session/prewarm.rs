@@ -1,6 +1,8 @@
 //! Prewarm: children started ahead for profiles with `prewarm = N`, so a new
 //! session's first message skips the agent's start-up cost (claude: ~1 s of
-//! start-up work happens before it reads any input).
+//! start-up work happens before it reads any input). A protocol's warm-up
+//! request ([`crate::protocol::Adapter::warm_up`]) is written at once, so
+//! that the first-turn work the agent does lazily is done ahead too.
 //!
 //! `POST /sessions` takes a warm child (its pid becomes the session's); the
 //! pool task refills in the background and replaces warm children that died.
@@ -75,6 +77,15 @@ impl Pool {
         while queue.len() < profile.prewarm {
             match ChildProcess::spawn(&spawn_spec(profile, None, None)) {
                 Ok(child) => {
+                    // Its answer comes while the child waits (or after a
+                    // session took it); the session's adapter drops it.
+                    let warm_up = profile
+                        .warm_up
+                        .then(|| crate::protocol::persistent(profile).warm_up())
+                        .flatten();
+                    if let Some(bytes) = warm_up {
+                        child.write(bytes);
+                    }
                     metrics.spawned(crate::metrics::SpawnKind::Prewarm, true);
                     tracing::info!(agent = %profile.name, pid = child.pid(), "warm child started");
                     queue.push_back(child);

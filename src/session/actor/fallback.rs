@@ -14,7 +14,7 @@ impl Actor {
         let max_output = self.registry.config.max_output;
         let (tx, rx) = mpsc::unbounded_channel();
         let timeout = q.timeout;
-        let content = q.content.text();
+        let content = q.content.clone();
         let task = tokio::spawn(async move {
             let result =
                 crate::oneshot::run(&profile, argv, cwd, &content, timeout, max_output, |s| {
