@@ -252,25 +252,12 @@ async fn bench(base: &str, a: &Args, direct: &Direct) -> Value {
     b.oneshot("claude", "warm-up").await;
     for round in 0..a.runs {
         // One-shot.
-        let (c0, g0) = (reaped_children_cpu(), gateway_cpu());
-        oneshot
-            .latency
-            .push(b.oneshot("claude", &format!("one-shot {round}")).await);
-        oneshot.child_cpu.push(reaped_children_cpu() - c0);
-        oneshot.gw_cpu.push(gateway_cpu() - g0);
+        b.sample_oneshot("claude", &format!("one-shot {round}"), &mut oneshot)
+            .await;
 
         // Cold: the child starts with the session.
-        let g0 = gateway_cpu();
-        let (id, pid) = b.create("claude").await;
-        let c0 = group_cpu(pid);
-        let (first, done) = b.message(&id, &format!("cold {round}")).await;
-        cold.latency.push(done);
-        cold.first_delta.push(first);
-        let c1 = group_cpu(pid);
-        cold.child_cpu.push(c1 - c0);
-        cold.child_cpu_since_start.push(c1);
-        cold.gw_cpu.push(gateway_cpu() - g0);
-        b.delete(&id).await;
+        b.sample_first_message("claude", &format!("cold {round}"), &mut cold)
+            .await;
 
         // Prewarmed: the session takes a child started `settle` s ago, with
         // the warm-up and (the other one first in odd rounds) without.
@@ -283,17 +270,8 @@ async fn bench(base: &str, a: &Args, direct: &Direct) -> Value {
         }
         for (agent, kind) in order {
             b.warm_pool_ready(agent, a.settle).await;
-            let g0 = gateway_cpu();
-            let (id, pid) = b.create(agent).await;
-            let c0 = group_cpu(pid);
-            let (first, done) = b.message(&id, &format!("{agent} {round}")).await;
-            kind.latency.push(done);
-            kind.first_delta.push(first);
-            let c1 = group_cpu(pid);
-            kind.child_cpu.push(c1 - c0);
-            kind.child_cpu_since_start.push(c1);
-            kind.gw_cpu.push(gateway_cpu() - g0);
-            b.delete(&id).await;
+            b.sample_first_message(agent, &format!("{agent} {round}"), kind)
+                .await;
         }
 
         // The floor: the same CLI without the gateway.
@@ -309,12 +287,8 @@ async fn bench(base: &str, a: &Args, direct: &Direct) -> Value {
         d_warm.child_cpu.push(group_cpu_of(d_child.pid) - c0);
 
         // Warm: the next message of a live session.
-        let (c0, g0) = (group_cpu(warm_pid), gateway_cpu());
-        let (first, done) = b.message(&warm_id, &format!("warm {round}")).await;
-        warm.latency.push(done);
-        warm.first_delta.push(first);
-        warm.child_cpu.push(group_cpu(warm_pid) - c0);
-        warm.gw_cpu.push(gateway_cpu() - g0);
+        b.sample_next_message(&warm_id, warm_pid, &format!("warm {round}"), &mut warm)
+            .await;
         eprint!(".");
     }
     eprintln!();

@@ -290,6 +290,43 @@ impl Bench {
         d
     }
 
+    /// One `POST /oneshot` to `agent`, sampled into `kind` (latency, the
+    /// reaped children's CPU, the gateway's).
+    pub async fn sample_oneshot(&self, agent: &str, content: &str, kind: &mut Kind) {
+        let (c0, g0) = (reaped_children_cpu(), gateway_cpu());
+        kind.latency.push(self.oneshot(agent, content).await);
+        kind.child_cpu.push(reaped_children_cpu() - c0);
+        kind.gw_cpu.push(gateway_cpu() - g0);
+    }
+
+    /// A new session of `agent` and its first message, sampled into `kind`
+    /// (the child's CPU for the message and since its start); the session
+    /// is deleted after.
+    pub async fn sample_first_message(&self, agent: &str, content: &str, kind: &mut Kind) {
+        let g0 = gateway_cpu();
+        let (id, pid) = self.create(agent).await;
+        let c0 = group_cpu(pid);
+        let (first, done) = self.message(&id, content).await;
+        kind.latency.push(done);
+        kind.first_delta.push(first);
+        let c1 = group_cpu(pid);
+        kind.child_cpu.push(c1 - c0);
+        kind.child_cpu_since_start.push(c1);
+        kind.gw_cpu.push(gateway_cpu() - g0);
+        self.delete(&id).await;
+    }
+
+    /// The next message of live session `id` (child `pid`), sampled into
+    /// `kind`.
+    pub async fn sample_next_message(&self, id: &str, pid: u32, content: &str, kind: &mut Kind) {
+        let (c0, g0) = (group_cpu(pid), gateway_cpu());
+        let (first, done) = self.message(id, content).await;
+        kind.latency.push(done);
+        kind.first_delta.push(first);
+        kind.child_cpu.push(group_cpu(pid) - c0);
+        kind.gw_cpu.push(gateway_cpu() - g0);
+    }
+
     /// Waits until `agent`'s prewarm pool holds a child, then `settle` more.
     pub async fn warm_pool_ready(&self, agent: &str, settle: f64) {
         let deadline = Instant::now() + Duration::from_secs(60);
