@@ -363,7 +363,8 @@ async fn execute(
     match command {
         Command::Interrupt => {
             let mid = handle.interrupt().await?;
-            Ok(serde_json::to_value(handle.shared.message(mid)).unwrap_or_default())
+            let message = registry.session_message(&handle.shared, mid).await?;
+            Ok(serde_json::to_value(message).unwrap_or_default())
         }
         Command::Permission {
             request_id,

@@ -132,6 +132,10 @@ pub struct Cli {
     /// Bytes of event data kept per session for replay.
     #[arg(long, env = "AGENTGATE_REPLAY_BYTES", default_value_t = 8 << 20)]
     pub replay_bytes: usize,
+    /// Finished messages of a session kept in memory besides the store
+    /// (durable stores only): older ones are read from the store.
+    #[arg(long, env = "AGENTGATE_HISTORY_IN_MEMORY", default_value_t = 256)]
+    pub history_in_memory: usize,
     /// Origins allowed by CORS (repeatable; default none). `*` needs a token.
     #[arg(long, env = "AGENTGATE_ALLOW_ORIGIN", value_delimiter = ',')]
     pub allow_origin: Vec<String>,
@@ -522,6 +526,8 @@ pub struct Config {
     pub replay_events: usize,
     /// See [`Cli::replay_bytes`].
     pub replay_bytes: usize,
+    /// See [`Cli::history_in_memory`].
+    pub history_in_memory: usize,
     /// See [`Cli::allow_origin`].
     pub allow_origin: Vec<String>,
     /// See [`Cli::allowed_host`].
@@ -667,6 +673,7 @@ impl Config {
             max_image_bytes: cli.max_image_bytes,
             replay_events: cli.replay_events.max(1),
             replay_bytes: cli.replay_bytes.max(1024),
+            history_in_memory: cli.history_in_memory.max(1),
             allow_origin: cli.allow_origin.clone(),
             allowed_host: cli.allowed_host.clone(),
             insecure: cli.insecure,

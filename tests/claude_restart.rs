@@ -163,3 +163,54 @@ async fn claude_killed_mid_reply_comes_back_on_sqlite() {
 async fn claude_killed_mid_reply_comes_back_on_postgres() {
     killed_mid_reply_then_restarted(&fresh_postgres_db().await).await;
 }
+
+#[tokio::test]
+async fn a_fork_copies_history_memory_no_longer_holds() {
+    // Memory keeps 1 finished message (2 at most); the fork's copy of the
+    // older ones comes from the store.
+    let mock = MockAnthropic::start().await;
+    let home = temp_home();
+    let store = format!("sqlite:{}", home.path().join("agentgate.db").display());
+    let http = reqwest::Client::builder().timeout(T).build().unwrap();
+    let mut cmd = sealed_command(home.path());
+    cmd.env("AGENTGATE_CLAUDE_BIN", claude_bin())
+        .envs(mock.child_env(home.path()))
+        .current_dir(home.path())
+        .args(["--listen", "127.0.0.1:0", "--store", &store])
+        .args(["--history-in-memory", "1"]);
+    let node = Node::spawn(cmd);
+    let base = node.base.clone();
+    let s = post_json(
+        &http,
+        format!("{base}/sessions"),
+        json!({"agent": "claude"}),
+    )
+    .await;
+    let id = s["id"].as_str().unwrap().to_string();
+    for n in 0..5 {
+        ask(&http, &base, &id, &format!("turn {n}")).await;
+    }
+    let res = http
+        .post(format!("{base}/sessions/{id}/fork"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let status = res.status();
+    let fork: Value = res.json().await.unwrap();
+    assert_eq!(status, 201, "{fork}");
+    let fork_id = fork["id"].as_str().unwrap();
+    assert_eq!(fork["message_count"], 5, "{fork}");
+    let history = get_ok(&http, format!("{base}/sessions/{fork_id}/messages")).await;
+    let inputs: Vec<&str> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["input"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        inputs,
+        ["turn 0", "turn 1", "turn 2", "turn 3", "turn 4"],
+        "the fork has the whole history, in order"
+    );
+}

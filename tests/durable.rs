@@ -46,6 +46,15 @@ fn start(home: &std::path::Path, store: &str) -> Node {
 
 /// [`start`] through `wrapper` (an argv put in front of the binary's).
 fn start_with(home: &std::path::Path, store: &str, wrapper: &[&str]) -> Node {
+    start_full(home, store, wrapper, &[])
+}
+
+/// [`start`] with more flags.
+fn start_flags(home: &std::path::Path, store: &str, flags: &[&str]) -> Node {
+    start_full(home, store, &[], flags)
+}
+
+fn start_full(home: &std::path::Path, store: &str, wrapper: &[&str], flags: &[&str]) -> Node {
     let config = home.join("agents.toml");
     std::fs::write(&config, PROFILES).unwrap();
     let sealed = sealed_command(home);
@@ -69,7 +78,7 @@ fn start_with(home: &std::path::Path, store: &str, wrapper: &[&str]) -> Node {
     // the same name takes back at once what it held (the default name has
     // the port in it, which changes here at every start).
     let node = home.file_name().unwrap().to_string_lossy().into_owned();
-    cmd.args(["--node-id", &node]);
+    cmd.args(["--node-id", &node]).args(flags);
     Node::spawn(cmd)
 }
 
@@ -519,6 +528,83 @@ async fn a_session_the_gateway_closed_stays_closed_and_readable_across_a_restart
     let node = start(home.path(), &store);
     let res = http
         .get(format!("{}/sessions/{id}", node.base))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 404).await;
+}
+
+#[tokio::test]
+async fn old_history_is_read_from_the_store_and_memory_keeps_the_newest() {
+    // Memory keeps 2 finished messages (4 at most before it trims); the
+    // rest of the history is read from the store.
+    let home = tempfile::tempdir().unwrap();
+    let db = home.path().join("agentgate.db");
+    let store = format!("sqlite:{}", db.display());
+    let http = reqwest::Client::builder().timeout(T).build().unwrap();
+    let node = start_flags(home.path(), &store, &["--history-in-memory", "2"]);
+    let base = node.base.clone();
+    let s = post_json(&http, format!("{base}/sessions"), json!({"agent": "sed"})).await;
+    let id = s["id"].as_str().unwrap().to_string();
+    let mut ids = Vec::new();
+    for n in 0..12 {
+        let m = ask(&http, &base, &id, &format!("m{n}")).await;
+        assert_eq!(m["output"], format!("m{n}\n"));
+        ids.push(m["id"].as_str().unwrap().to_string());
+    }
+    // Change the stored copies behind the gateway's back: what memory no
+    // longer holds comes back as the store has it, the newest as memory has it.
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        sqlx::query("UPDATE messages SET body = replace(body, '\"output\":\"m', '\"output\":\"stored m') WHERE session_id = $1")
+            .bind(&id)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    let outputs = |v: &Value| -> Vec<String> {
+        v["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["output"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let all = get(&http, format!("{base}/sessions/{id}/messages")).await;
+    let all = outputs(&all);
+    assert_eq!(all.len(), 12, "{all:?}");
+    assert_eq!(
+        all[0], "stored m0\n",
+        "the oldest come from the store: {all:?}"
+    );
+    assert_eq!(all[11], "m11\n", "the newest from memory: {all:?}");
+    for (n, out) in all.iter().enumerate() {
+        assert!(out.ends_with(&format!("m{n}\n")), "in order: {all:?}");
+    }
+    // A page after an old message, across the edge of what memory holds.
+    let page = get(
+        &http,
+        format!("{base}/sessions/{id}/messages?after={}&limit=9", ids[2]),
+    )
+    .await;
+    let page = outputs(&page);
+    assert_eq!(page.len(), 9, "{page:?}");
+    assert_eq!(page[0], "stored m3\n");
+    assert_eq!(page[8], "m11\n");
+    // One old message; the session's count is the whole history.
+    let old = get(&http, format!("{base}/sessions/{id}/messages/{}", ids[0])).await;
+    assert_eq!(old["output"], "stored m0\n");
+    assert_eq!(old["status"], "completed");
+    let view = get(&http, format!("{base}/sessions/{id}")).await;
+    assert_eq!(view["message_count"], 12, "{view}");
+    // An id that is no message of the session is still 404.
+    let res = http
+        .get(format!(
+            "{base}/sessions/{id}/messages?after=00000000-0000-4000-8000-000000000000"
+        ))
         .send()
         .await
         .unwrap();

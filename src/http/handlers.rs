@@ -448,10 +448,16 @@ pub async fn send_message(
             let message = handle.send(content, timeout).await?;
             let location = format!("/sessions/{}/messages/{}", handle.id(), message.id);
             if wait {
-                let done = handle
-                    .wait_finished(message.id)
-                    .await
-                    .ok_or_else(|| ApiError::Gone("the session was closed".into()))?;
+                let gone = || ApiError::Gone("the session was closed".into());
+                let done = match handle.wait_finished(message.id).await {
+                    Some(done) => done,
+                    // Finished, and already left memory for the store.
+                    None => state
+                        .registry
+                        .session_message(&handle.shared, message.id)
+                        .await?
+                        .ok_or_else(gone)?,
+                };
                 // Only a session's close (deleted, expired, failed, shut down)
                 // fails a message with `shutdown`: 410, as for any request to
                 // a closed session.
@@ -499,7 +505,15 @@ pub async fn list_messages(
                 None => None,
             };
             let messages = match located {
-                Located::Here(h) => h.shared.messages(after, limit)?,
+                Located::Here(h) => match h.shared.messages(after, limit)? {
+                    Some(page) => page,
+                    None => {
+                        state
+                            .registry
+                            .stored_messages(&h.shared, after, limit)
+                            .await?
+                    }
+                },
                 Located::Elsewhere(r) => {
                     let all = state.registry.remote_messages(&r).await?;
                     let start = match after {
@@ -534,7 +548,7 @@ pub async fn get_message(
             let missing = || ApiError::NotFound(format!("no message {mid} in session {id}"));
             let mid = Uuid::parse_str(&mid).map_err(|_| missing())?;
             let message = match located {
-                Located::Here(h) => h.shared.message(mid),
+                Located::Here(h) => state.registry.session_message(&h.shared, mid).await?,
                 Located::Elsewhere(r) => state.registry.remote_message(&r, mid).await?,
             }
             .ok_or_else(missing)?;
@@ -556,9 +570,10 @@ pub async fn interrupt(id: String, state: AppState, caller: Result<Caller, ApiEr
                 }
             };
             let mid = handle.interrupt().await?;
-            let message = handle
-                .shared
-                .message(mid)
+            let message = state
+                .registry
+                .session_message(&handle.shared, mid)
+                .await?
                 .ok_or_else(|| ApiError::Internal("interrupted message vanished".into()))?;
             Ok(json_response(StatusCode::ACCEPTED, &message))
         }

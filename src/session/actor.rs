@@ -238,7 +238,8 @@ impl Actor {
     fn update_message(&self, id: Uuid, f: impl FnOnce(&mut Message)) {
         let mut s = self.shared.status();
         if let Some(i) = s.index.get(&id).copied() {
-            f(&mut s.messages[i]);
+            let base = s.base;
+            f(&mut s.messages[i - base]);
         }
     }
 
@@ -276,7 +277,7 @@ impl Actor {
                 if let Ok(m) = &result {
                     // Acknowledged means stored: a message the store refused
                     // is taken back and the client gets 503.
-                    if let Err(e) = self.persist_message(m.id).await {
+                    if let Err(e) = self.store_message(m.id).await {
                         tracing::error!(session_id = %self.shared.id, error = %e, "cannot store a message");
                         self.queue.pop_back();
                         self.sync_queued();

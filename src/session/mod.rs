@@ -127,7 +127,20 @@ struct Status {
     pid: Option<u32>,
     last_activity: Instant,
     last_activity_at: OffsetDateTime,
+    /// The history held in memory: messages `base..`. With a durable store,
+    /// finished messages older than the last `--history-in-memory` are
+    /// dropped from the front ([`SessionShared::trim_history`]) and read
+    /// from the store; queued and running ones always stay.
     messages: Vec<Message>,
+    /// How many messages were dropped from the front (the first one held
+    /// is message `base`).
+    base: usize,
+    /// Usage of the dropped messages, so the session's sum stays whole.
+    dropped_usage: SessionUsage,
+    /// Messages whose last write to the store failed: never dropped (the
+    /// store may hold an older state of them).
+    unstored: std::collections::HashSet<Uuid>,
+    /// Message id → its place in the whole history.
     index: HashMap<Uuid, usize>,
     queued: usize,
     agent_session_id: Option<String>,
@@ -146,7 +159,11 @@ struct Status {
 /// Sums the usage of `messages`: claude's per-reply `usage` tokens and the
 /// gateway's per-message `cost_usd`.
 pub(crate) fn sum_usage(messages: &[Message]) -> SessionUsage {
-    let mut sum = SessionUsage::default();
+    add_usage(SessionUsage::default(), messages)
+}
+
+/// `sum` plus the usage of `messages`.
+fn add_usage(mut sum: SessionUsage, messages: &[Message]) -> SessionUsage {
     for u in messages.iter().filter_map(|m| m.usage.as_ref()) {
         let tokens = |k: &str| u["usage"][k].as_u64().unwrap_or(0);
         sum.input_tokens += tokens("input_tokens");
@@ -176,14 +193,14 @@ impl SessionShared {
             last_activity_at: s.last_activity_at,
             idle_deadline,
             pid: s.pid,
-            message_count: s.messages.len(),
+            message_count: s.base + s.messages.len(),
             queued: s.queued,
             title: s.title.clone(),
             metadata: s.metadata.clone(),
             agent_session_id: s.agent_session_id.clone(),
             cwd: self.cwd.as_ref().map(|p| p.display().to_string()),
             options: s.options.clone(),
-            usage: sum_usage(&s.messages),
+            usage: add_usage(s.dropped_usage.clone(), &s.messages),
             forked_from: self.forked_from,
             owner: self.owner.clone(),
             node: self.node.clone(),
@@ -214,7 +231,7 @@ impl SessionShared {
         let s = self.status();
         s.index
             .get(&id)
-            .map(|i| (*i as u64, s.messages[*i].clone()))
+            .map(|i| (*i as u64, s.messages[*i - s.base].clone()))
     }
 
     /// Drops message `id` (the last one) again: the store refused it.
@@ -231,10 +248,19 @@ impl SessionShared {
         self.status().options.clone()
     }
 
-    /// What a fork of it starts from: its finished messages (one still
-    /// running or queued belongs to the parent alone), options,
-    /// conversation id, last total cost.
-    pub(crate) fn fork_seed(&self) -> (Vec<Message>, SessionOptions, Option<String>, Option<f64>) {
+    /// What a fork of it starts from: its finished messages held in memory
+    /// (one still running or queued belongs to the parent alone) and how
+    /// many older ones are in the store only, options, conversation id,
+    /// last total cost.
+    pub(crate) fn fork_seed(
+        &self,
+    ) -> (
+        Vec<Message>,
+        usize,
+        SessionOptions,
+        Option<String>,
+        Option<f64>,
+    ) {
         let s = self.status();
         (
             s.messages
@@ -242,6 +268,7 @@ impl SessionShared {
                 .filter(|m| m.status.is_terminal())
                 .cloned()
                 .collect(),
+            s.base,
             s.options.clone(),
             s.agent_session_id.clone(),
             s.last_total_cost,
@@ -259,23 +286,94 @@ impl SessionShared {
         self.status().queued
     }
 
-    /// One message.
+    /// One message, if memory holds it (see [`SessionShared::dropped`]).
     pub fn message(&self, id: Uuid) -> Option<Message> {
         let s = self.status();
-        s.index.get(&id).map(|i| s.messages[*i].clone())
+        s.index.get(&id).map(|i| s.messages[*i - s.base].clone())
     }
 
-    /// History, oldest first: at most `limit` messages after message `after`.
-    pub fn messages(&self, after: Option<Uuid>, limit: usize) -> Result<Vec<Message>, ApiError> {
+    /// Message number `ord` of the history, if memory holds it.
+    pub(crate) fn message_by_ord(&self, ord: usize) -> Option<Message> {
         let s = self.status();
-        let start =
-            match after {
-                Some(id) => s.index.get(&id).map(|i| i + 1).ok_or_else(|| {
-                    ApiError::NotFound(format!("no message {id} in this session"))
-                })?,
-                None => 0,
-            };
-        Ok(s.messages.iter().skip(start).take(limit).cloned().collect())
+        ord.checked_sub(s.base)
+            .and_then(|i| s.messages.get(i))
+            .cloned()
+    }
+
+    /// How many of the oldest messages memory no longer holds (the store
+    /// does).
+    pub fn dropped(&self) -> usize {
+        self.status().base
+    }
+
+    /// History, oldest first: at most `limit` messages after message
+    /// `after`. `Ok(None)` when the page starts among the messages memory
+    /// no longer holds: read it from the store.
+    pub fn messages(
+        &self,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Option<Vec<Message>>, ApiError> {
+        let s = self.status();
+        let start = match after {
+            Some(id) => match s.index.get(&id) {
+                Some(i) => i + 1,
+                None if s.base > 0 => return Ok(None),
+                None => {
+                    return Err(ApiError::NotFound(format!(
+                        "no message {id} in this session"
+                    )))
+                }
+            },
+            None => 0,
+        };
+        if start < s.base {
+            return Ok(None);
+        }
+        Ok(Some(
+            s.messages
+                .iter()
+                .skip(start - s.base)
+                .take(limit)
+                .cloned()
+                .collect(),
+        ))
+    }
+
+    /// Notes whether message `id`'s last write to the store succeeded.
+    pub(crate) fn mark_stored(&self, id: Uuid, stored: bool) {
+        let mut s = self.status();
+        if stored {
+            s.unstored.remove(&id);
+        } else {
+            s.unstored.insert(id);
+        }
+    }
+
+    /// Drops finished messages from the front of the history held in
+    /// memory until at most `keep` are held (a durable store has them). A
+    /// queued or running message, or one the store may hold an older state
+    /// of, stops the trim: everything from it on stays.
+    pub(crate) fn trim_history(&self, keep: usize) {
+        let mut s = self.status();
+        // Trimmed in steps of `keep`, so the front is not shifted at every message.
+        if s.messages.len() < keep.saturating_mul(2) {
+            return;
+        }
+        let excess = s.messages.len() - keep;
+        let n = s.messages[..excess]
+            .iter()
+            .position(|m| !m.status.is_terminal() || s.unstored.contains(&m.id))
+            .unwrap_or(excess);
+        if n == 0 {
+            return;
+        }
+        let dropped: Vec<Message> = s.messages.drain(..n).collect();
+        s.dropped_usage = add_usage(s.dropped_usage.clone(), &dropped);
+        for m in &dropped {
+            s.index.remove(&m.id);
+        }
+        s.base += n;
     }
 }
 

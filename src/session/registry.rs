@@ -202,7 +202,19 @@ impl Registry {
             )));
         }
         let view = parent.shared.view();
-        let (messages, options, agent_session_id, last_total_cost) = parent.shared.fork_seed();
+        let (held, dropped, options, agent_session_id, last_total_cost) = parent.shared.fork_seed();
+        // Finished messages memory no longer holds come from the store.
+        let mut messages = Vec::new();
+        if dropped > 0 {
+            let older = self
+                .store
+                .load_message_page(parent.id(), None, dropped)
+                .await
+                .map_err(|e| ApiError::Unavailable(e.to_string()))?
+                .unwrap_or_default();
+            messages.extend(older.into_iter().map(|(_, m)| m));
+        }
+        messages.extend(held);
         let Some(conversation) = agent_session_id else {
             return Err(ApiError::Conflict(
                 "the session has no agent conversation to fork yet: send it a message first".into(),
@@ -221,6 +233,52 @@ impl Registry {
             limited: !caller.is_operator(),
         };
         self.insert(profile, parent.shared.cwd.clone(), seed).await
+    }
+
+    /// A page of a session's history that starts among the messages memory
+    /// no longer holds ([`SessionShared::messages`] said `None`): read from
+    /// the store, with memory's copy of each message it still holds (newer
+    /// than the store's while a message runs).
+    pub async fn stored_messages(
+        &self,
+        shared: &SessionShared,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<Message>, ApiError> {
+        let page = self
+            .store
+            .load_message_page(shared.id, after, limit)
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?
+            .ok_or_else(|| {
+                ApiError::NotFound(format!(
+                    "no message {} in this session",
+                    after.unwrap_or_default()
+                ))
+            })?;
+        Ok(page
+            .into_iter()
+            .map(|(ord, m)| shared.message_by_ord(ord as usize).unwrap_or(m))
+            .collect())
+    }
+
+    /// Message `mid` of a session: from memory, else (when memory no longer
+    /// holds its oldest messages) from the store.
+    pub async fn session_message(
+        &self,
+        shared: &SessionShared,
+        mid: Uuid,
+    ) -> Result<Option<Message>, ApiError> {
+        if let Some(m) = shared.message(mid) {
+            return Ok(Some(m));
+        }
+        if shared.dropped() == 0 {
+            return Ok(None);
+        }
+        self.store
+            .load_message(shared.id, mid)
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))
     }
 
     async fn insert(
@@ -255,7 +313,10 @@ impl Registry {
         let plain = seed.options.is_empty() && seed.fork_from.is_none() && cwd.is_none();
         let mut messages = seed.messages;
         for m in &mut messages {
+            // A copy is a message of its own: a message id names one message
+            // (the store keeps them unique), so a fork's copies get new ones.
             m.session_id = id;
+            m.id = Uuid::new_v4();
         }
         let index = messages
             .iter()
@@ -278,6 +339,9 @@ impl Registry {
                 last_activity: Instant::now(),
                 last_activity_at: now,
                 messages,
+                base: 0,
+                dropped_usage: Default::default(),
+                unstored: Default::default(),
                 index,
                 queued: 0,
                 agent_session_id: seed.agent_session_id,
@@ -303,12 +367,15 @@ impl Registry {
                     .await?;
                 for (ord, m) in shared
                     .messages(None, usize::MAX)
+                    .ok()
+                    .flatten()
                     .unwrap_or_default()
                     .iter()
                     .enumerate()
                 {
                     self.store.save_message(ord as u64, m).await?;
                 }
+                shared.trim_history(self.config.history_in_memory);
                 Ok::<(), crate::store::StoreError>(())
             };
             if let Err(e) = stored.await {
@@ -595,7 +662,7 @@ impl Registry {
             .enumerate()
             .map(|(i, m)| (m.id, i))
             .collect();
-        Arc::new(SessionShared {
+        let shared = Arc::new(SessionShared {
             id: record.id,
             profile,
             created_at: record.created_at,
@@ -615,6 +682,9 @@ impl Registry {
                     .unwrap_or_else(Instant::now),
                 last_activity_at: record.last_activity_at,
                 messages,
+                base: 0,
+                dropped_usage: Default::default(),
+                unstored: Default::default(),
                 index,
                 queued: 0,
                 agent_session_id: record.agent_session_id.clone(),
@@ -626,7 +696,10 @@ impl Registry {
             }),
             finished: watch::channel(0).0,
             released: AtomicBool::new(state == SessionState::Closed),
-        })
+        });
+        // Memory holds the newest of the history; the store has it all.
+        shared.trim_history(self.config.history_in_memory);
+        shared
     }
 
     /// Closes session `id` for `reason` (expiry): it stays readable as a

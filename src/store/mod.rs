@@ -508,6 +508,74 @@ impl Store {
         .await
     }
 
+    /// At most `limit` of session `id`'s messages after message `after`
+    /// (from the first without it), with their places in the history;
+    /// `None` when `after` is not one of its messages.
+    pub async fn load_message_page(
+        &self,
+        id: Uuid,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Option<Vec<(u64, Message)>>, StoreError> {
+        bounded(async move {
+            let Some(pool) = &self.pool else {
+                return Ok(Some(vec![]));
+            };
+            let from = match after {
+                None => 0,
+                Some(after) => {
+                    let row = sqlx::query("SELECT ord FROM messages WHERE session_id = $1 AND id = $2")
+                        .bind(id.to_string())
+                        .bind(after.to_string())
+                        .fetch_optional(pool)
+                        .await?;
+                    match row {
+                        Some(row) => row.try_get::<i64, _>(0)? + 1,
+                        None => return Ok(None),
+                    }
+                }
+            };
+            let rows = sqlx::query(
+                "SELECT ord, body FROM messages WHERE session_id = $1 AND ord >= $2 ORDER BY ord LIMIT $3",
+            )
+            .bind(id.to_string())
+            .bind(from)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(pool)
+            .await?;
+            rows.iter()
+                .map(|row| {
+                    let ord: i64 = row.try_get(0)?;
+                    let body: String = row.try_get(1)?;
+                    let m = serde_json::from_str(&body).map_err(|e| StoreError::Query(e.to_string()))?;
+                    Ok((ord as u64, m))
+                })
+                .collect::<Result<Vec<_>, StoreError>>()
+                .map(Some)
+        })
+        .await
+    }
+
+    /// Message `mid` of session `id`.
+    pub async fn load_message(&self, id: Uuid, mid: Uuid) -> Result<Option<Message>, StoreError> {
+        bounded(async move {
+            let Some(pool) = &self.pool else {
+                return Ok(None);
+            };
+            let row = sqlx::query("SELECT body FROM messages WHERE session_id = $1 AND id = $2")
+                .bind(id.to_string())
+                .bind(mid.to_string())
+                .fetch_optional(pool)
+                .await?;
+            row.map(|row| {
+                let body: String = row.try_get(0)?;
+                serde_json::from_str(&body).map_err(|e| StoreError::Query(e.to_string()))
+            })
+            .transpose()
+        })
+        .await
+    }
+
     /// Session `id`'s stored events, oldest first.
     pub async fn load_events(&self, id: Uuid) -> Result<Vec<EventRecord>, StoreError> {
         bounded(async move {

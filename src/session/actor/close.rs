@@ -114,6 +114,32 @@ impl Actor {
         }
     }
 
+    /// [`Actor::persist_message`], noting in the session whether the store
+    /// now has the message as it stands (a message it may hold an older
+    /// state of stays in memory).
+    pub(super) fn store_message(
+        &self,
+        id: Uuid,
+    ) -> impl std::future::Future<Output = Result<(), crate::store::StoreError>> + Send + 'static
+    {
+        let write = self.persist_message(id);
+        let shared = self.shared.clone();
+        async move {
+            let result = write.await;
+            shared.mark_stored(id, result.is_ok());
+            result
+        }
+    }
+
+    /// With a durable store, lets memory drop the oldest finished messages
+    /// beyond `--history-in-memory` (the store serves them).
+    pub(super) fn trim_history(&self) {
+        if self.registry.store.is_durable() {
+            self.shared
+                .trim_history(self.registry.config.history_in_memory);
+        }
+    }
+
     /// Writes the session's record to the store in the background (a new
     /// `agent_session_id`).
     pub(super) fn persist_session(&self, closed: Option<&str>) {

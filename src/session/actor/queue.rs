@@ -41,7 +41,7 @@ impl Actor {
         };
         {
             let mut s = self.shared.status();
-            let at = s.messages.len();
+            let at = s.base + s.messages.len();
             s.index.insert(id, at);
             s.messages.push(message.clone());
             s.queued = self.queue.len() + 1;
@@ -120,7 +120,7 @@ impl Actor {
                 // the message, so a node taking the session over after a
                 // crash fails it (`gateway_lost`) instead of running it twice.
                 self.update_message(q.id, |m| m.status = MessageStatus::Running);
-                if let Err(e) = self.persist_message(q.id).await {
+                if let Err(e) = self.store_message(q.id).await {
                     tracing::error!(session_id = %self.shared.id, error = %e, "cannot store a message as running; it waits");
                     self.update_message(q.id, |m| m.status = MessageStatus::Queued);
                     self.queue.push_front(q);

@@ -247,7 +247,7 @@ impl Actor {
             metrics.reply_completed(cur.started.elapsed());
         }
         // A final state is stored before it is published.
-        if let Err(e) = self.persist_message(cur.id).await {
+        if let Err(e) = self.store_message(cur.id).await {
             tracing::error!(session_id = %self.shared.id, message_id = %cur.id, error = %e, "cannot store a finished message");
         }
         match error {
@@ -276,6 +276,7 @@ impl Actor {
         if free && self.queue.is_empty() && !self.closed {
             self.set_state(None);
         }
+        self.trim_history();
     }
 
     /// Fails a message that never reached the agent.
@@ -290,7 +291,7 @@ impl Actor {
             m.finished_at = Some(OffsetDateTime::now_utc());
         });
         self.registry.metrics.message_finished(Some(code));
-        if let Err(e) = self.persist_message(id).await {
+        if let Err(e) = self.store_message(id).await {
             tracing::error!(session_id = %self.shared.id, message_id = %id, error = %e, "cannot store a failed message");
         }
         self.publish(Event::MessageFailed {
@@ -298,5 +299,6 @@ impl Actor {
             message_id: id,
         });
         self.shared.finished.send_modify(|n| *n += 1);
+        self.trim_history();
     }
 }

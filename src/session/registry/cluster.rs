@@ -295,8 +295,16 @@ impl Registry {
         };
         for m in inbox {
             let id = m.id;
-            // Queued already (a holder that died before clearing its inbox).
-            if h.shared.message(id).is_none() {
+            // Queued already (a holder that died before clearing its inbox),
+            // perhaps finished and left memory for the store since.
+            let known = match self.session_message(&h.shared, id).await {
+                Ok(known) => known.is_some(),
+                Err(e) => {
+                    tracing::warn!(session_id = %h.id(), error = %e, "cannot read the history");
+                    return;
+                }
+            };
+            if !known {
                 if let Err(e) = h.adopt(m).await {
                     tracing::warn!(session_id = %h.id(), message_id = %id, error = %e, "cannot queue a message from the inbox");
                     continue;
