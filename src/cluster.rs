@@ -146,19 +146,12 @@ impl Cluster {
         self.replies.insert(id, woken.clone());
         let result = async {
             let body = serde_json::to_string(command).expect("commands serialise");
-            store
-                .push_command(id, session, node, &body)
-                .await
-                .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+            store.push_command(id, session, node, &body).await?;
             let mut deadline = tokio::time::Instant::now() + COMMAND_TIMEOUT;
             let mut extended = false;
             loop {
                 let notified = woken.notified();
-                if let Some(reply) = store
-                    .command_reply(id)
-                    .await
-                    .map_err(|e| ApiError::Unavailable(e.to_string()))?
-                {
+                if let Some(reply) = store.command_reply(id).await? {
                     let answer: Answer = serde_json::from_str(&reply)
                         .map_err(|e| ApiError::Internal(format!("a node's answer: {e}")))?;
                     return answer.into_result();

@@ -23,6 +23,11 @@ const T: Duration = Duration::from_secs(60);
 /// and `mock`; `home` is the gateway's and the CLI's `HOME` and working
 /// directory (the transcripts `--resume` reads live there).
 fn start(home: &std::path::Path, mock: &MockAnthropic, store: &str) -> Node {
+    start_with(home, mock, store, &[])
+}
+
+/// [`start`] with more flags.
+fn start_with(home: &std::path::Path, mock: &MockAnthropic, store: &str, flags: &[&str]) -> Node {
     let mut cmd = sealed_command(home);
     cmd.env("AGENTGATE_CLAUDE_BIN", claude_bin())
         .envs(mock.child_env(home))
@@ -30,7 +35,7 @@ fn start(home: &std::path::Path, mock: &MockAnthropic, store: &str) -> Node {
         .args(["--listen", "127.0.0.1:0", "--store", store]);
     // On PostgreSQL: one node name across restarts (see tests/durable.rs).
     let node = home.file_name().unwrap().to_string_lossy().into_owned();
-    cmd.args(["--node-id", &node]);
+    cmd.args(["--node-id", &node]).args(flags);
     Node::spawn(cmd)
 }
 
@@ -172,13 +177,7 @@ async fn a_fork_copies_history_memory_no_longer_holds() {
     let home = temp_home();
     let store = format!("sqlite:{}", home.path().join("agentgate.db").display());
     let http = reqwest::Client::builder().timeout(T).build().unwrap();
-    let mut cmd = sealed_command(home.path());
-    cmd.env("AGENTGATE_CLAUDE_BIN", claude_bin())
-        .envs(mock.child_env(home.path()))
-        .current_dir(home.path())
-        .args(["--listen", "127.0.0.1:0", "--store", &store])
-        .args(["--history-in-memory", "1"]);
-    let node = Node::spawn(cmd);
+    let node = start_with(home.path(), &mock, &store, &["--history-in-memory", "1"]);
     let base = node.base.clone();
     let s = post_json(
         &http,

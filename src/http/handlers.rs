@@ -730,18 +730,8 @@ async fn send_elsewhere(
     };
     // The message's events all come after what is stored now: the feeds
     // below start there (not at the log's start, which may hold thousands).
-    let after = state
-        .registry
-        .store
-        .last_event_seq(session)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    state
-        .registry
-        .store
-        .push_inbox(&message)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let after = state.registry.store.last_event_seq(session).await?;
+    state.registry.store.push_inbox(&message).await?;
     let location = format!("/sessions/{session}/messages/{}", message.id);
     let feed = || {
         StoreFeed::new(&state.registry, session, after)

@@ -209,8 +209,7 @@ impl Registry {
             let older = self
                 .store
                 .load_message_page(parent.id(), None, dropped)
-                .await
-                .map_err(|e| ApiError::Unavailable(e.to_string()))?
+                .await?
                 .unwrap_or_default();
             messages.extend(older.into_iter().map(|(_, m)| m));
         }
@@ -248,8 +247,7 @@ impl Registry {
         let page = self
             .store
             .load_message_page(shared.id, after, limit)
-            .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?
+            .await?
             .ok_or_else(|| {
                 ApiError::NotFound(format!(
                     "no message {} in this session",
@@ -275,10 +273,7 @@ impl Registry {
         if shared.dropped() == 0 {
             return Ok(None);
         }
-        self.store
-            .load_message(shared.id, mid)
-            .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))
+        Ok(self.store.load_message(shared.id, mid).await?)
     }
 
     async fn insert(

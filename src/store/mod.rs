@@ -178,6 +178,13 @@ pub struct ChildRecord {
     pub gateway_start: u64,
 }
 
+/// A request that needed the store gets 503 when it fails.
+impl From<StoreError> for crate::error::ApiError {
+    fn from(e: StoreError) -> crate::error::ApiError {
+        crate::error::ApiError::Unavailable(e.to_string())
+    }
+}
+
 /// Longest a store operation may take. A database that stops answering
 /// (a stopped server, a partition that leaves the TCP connection open)
 /// must not hang a request: past this the operation fails like any other

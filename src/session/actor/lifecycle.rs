@@ -81,32 +81,35 @@ impl Lifecycle {
 
     /// The live child, which leaves the lifecycle at [`Lifecycle::Idle`].
     pub(super) fn take_child(&mut self) -> Option<Child> {
-        match std::mem::replace(self, Lifecycle::Idle) {
-            Lifecycle::Child(c) => Some(*c),
-            other => {
-                *self = other;
-                None
-            }
-        }
+        self.take(|l| match l {
+            Lifecycle::Child(c) => Ok(*c),
+            other => Err(other),
+        })
     }
 
     /// The one-shot run, which leaves the lifecycle at [`Lifecycle::Idle`].
     pub(super) fn take_one_shot(&mut self) -> Option<FallbackRun> {
-        match std::mem::replace(self, Lifecycle::Idle) {
-            Lifecycle::OneShot(run) => Some(run),
-            other => {
-                *self = other;
-                None
-            }
-        }
+        self.take(|l| match l {
+            Lifecycle::OneShot(run) => Ok(run),
+            other => Err(other),
+        })
     }
 
     /// The stop beside the task, which leaves the lifecycle at
     /// [`Lifecycle::Idle`].
     pub(super) fn take_stopping(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
-        match std::mem::replace(self, Lifecycle::Idle) {
-            Lifecycle::Stopping(rx) => Some(rx),
-            other => {
+        self.take(|l| match l {
+            Lifecycle::Stopping(rx) => Ok(rx),
+            other => Err(other),
+        })
+    }
+
+    /// What `pick` takes out of the lifecycle (which is then `Idle`); a
+    /// lifecycle it gives back stays as it was.
+    fn take<T>(&mut self, pick: impl FnOnce(Lifecycle) -> Result<T, Lifecycle>) -> Option<T> {
+        match pick(std::mem::replace(self, Lifecycle::Idle)) {
+            Ok(taken) => Some(taken),
+            Err(other) => {
                 *self = other;
                 None
             }
@@ -136,27 +139,29 @@ impl Actor {
     /// message runs and `Idle` otherwise; anything else (no child, one being
     /// stopped or retiring) is `Suspended`.
     pub(super) fn derived_state(&self) -> SessionState {
-        let running = self.current.is_some();
-        let by_run = if running {
+        if self.closed {
+            return SessionState::Closed;
+        }
+        let by_run = if self.current.is_some() {
             SessionState::Busy
         } else {
             SessionState::Idle
         };
-        if self.closed {
-            return SessionState::Closed;
-        }
+        // Without a ready child a persistent profile is suspended; one that
+        // runs every message one-shot is idle or busy all the same.
+        let no_child = if self.shared.profile.persistent {
+            SessionState::Suspended
+        } else {
+            by_run
+        };
         match &self.lifecycle {
             Lifecycle::Child(c) => match c.phase {
                 Phase::Starting { .. } => SessionState::Starting,
                 Phase::Ready => by_run,
-                Phase::Retiring { .. } if self.shared.profile.persistent => SessionState::Suspended,
-                Phase::Retiring { .. } => by_run,
+                Phase::Retiring { .. } => no_child,
             },
             Lifecycle::OneShot(_) => by_run,
-            Lifecycle::Idle | Lifecycle::Stopping(_) if self.shared.profile.persistent => {
-                SessionState::Suspended
-            }
-            Lifecycle::Idle | Lifecycle::Stopping(_) => by_run,
+            Lifecycle::Idle | Lifecycle::Stopping(_) => no_child,
         }
     }
 }

@@ -80,10 +80,6 @@ impl Remote {
     }
 }
 
-fn unavailable(e: StoreError) -> ApiError {
-    ApiError::Unavailable(e.to_string())
-}
-
 impl Registry {
     /// Finds session `id` for `caller`. Without a cluster, the local one.
     /// In cluster mode, with `take`, a session nobody holds is taken here
@@ -104,12 +100,7 @@ impl Registry {
         let missing = || ApiError::NotFound(format!("no session {id}"));
         let uuid = Uuid::parse_str(id).map_err(|_| missing())?;
         for _ in 0..3 {
-            let (record, _, lease) = self
-                .store
-                .load_session(uuid)
-                .await
-                .map_err(unavailable)?
-                .ok_or_else(missing)?;
+            let (record, _, lease) = self.store.load_session(uuid).await?.ok_or_else(missing)?;
             if !caller.may_see(record.owner.as_deref()) {
                 return Err(missing());
             }
@@ -154,13 +145,7 @@ impl Registry {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ApiError::Unavailable("the gateway is shutting down".into()));
         }
-        if self
-            .store
-            .acquire(id, cluster.ttl)
-            .await
-            .map_err(unavailable)?
-            .is_none()
-        {
+        if self.store.acquire(id, cluster.ttl).await?.is_none() {
             return Ok(None);
         }
         let loaded = self.load_attached(id).await;
@@ -172,7 +157,7 @@ impl Registry {
             }
             Err(e) => {
                 let _ = self.store.release(id).await;
-                return Err(unavailable(e));
+                return Err(e.into());
             }
         };
         tracing::info!(session_id = %id, node = %cluster.node, queued = queued.len(), "session taken onto this node");
@@ -342,29 +327,19 @@ impl Registry {
             .cluster
             .as_ref()
             .map_or(Duration::from_secs(15), |c| c.ttl);
-        if self
-            .store
-            .acquire(id, ttl)
-            .await
-            .map_err(unavailable)?
-            .is_none()
-        {
+        if self.store.acquire(id, ttl).await?.is_none() {
             return Err(ApiError::Unavailable(format!(
                 "session {id} is moving between nodes; retry"
             )));
         }
-        self.store.delete_session(id).await.map_err(unavailable)?;
+        self.store.delete_session(id).await?;
         self.store.drop_lease(id);
         Ok(())
     }
 
     /// Session `r` as the API shows it, from the store.
     pub async fn remote_view(&self, r: &Remote) -> Result<Session, ApiError> {
-        let messages = self
-            .store
-            .load_messages(r.record.id)
-            .await
-            .map_err(unavailable)?;
+        let messages = self.store.load_messages(r.record.id).await?;
         Ok(view_of(r, &messages))
     }
 
@@ -375,8 +350,8 @@ impl Registry {
         caller: &Caller,
         owner: Option<&str>,
     ) -> Result<Vec<Session>, ApiError> {
-        let records = self.store.load_sessions().await.map_err(unavailable)?;
-        let leases = self.store.leases().await.map_err(unavailable)?;
+        let records = self.store.load_sessions().await?;
+        let leases = self.store.leases().await?;
         let mut out = Vec::new();
         for (record, _) in records {
             let theirs = record.owner.as_deref();
@@ -405,9 +380,9 @@ impl Registry {
     /// so far, from its stored deltas; then its inbox, queued).
     pub async fn remote_messages(&self, r: &Remote) -> Result<Vec<Message>, ApiError> {
         let id = r.record.id;
-        let mut messages = self.store.load_messages(id).await.map_err(unavailable)?;
+        let mut messages = self.store.load_messages(id).await?;
         if messages.iter().any(|m| m.status == MessageStatus::Running) {
-            let events = self.store.load_events(id).await.map_err(unavailable)?;
+            let events = self.store.load_events(id).await?;
             for m in messages
                 .iter_mut()
                 .filter(|m| m.status == MessageStatus::Running)
@@ -420,7 +395,7 @@ impl Registry {
                     .collect();
             }
         }
-        let inbox = self.store.inbox(id).await.map_err(unavailable)?;
+        let inbox = self.store.inbox(id).await?;
         let known: std::collections::HashSet<Uuid> = messages.iter().map(|m| m.id).collect();
         messages.extend(inbox.into_iter().filter(|m| !known.contains(&m.id)));
         Ok(messages)
@@ -479,8 +454,7 @@ impl Registry {
         let messages: Vec<Message> = self
             .store
             .load_messages(record.id)
-            .await
-            .map_err(unavailable)?
+            .await?
             .into_iter()
             .filter(|m| m.status.is_terminal())
             .collect();
