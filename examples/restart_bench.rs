@@ -10,8 +10,9 @@
 //! 1. **Seed**: a SQLite store in a temporary directory (or `--db PATH`,
 //!    reused when it already holds the sessions asked for) is filled through
 //!    the `agentgate::store::Store` API, as a gateway would have left it:
-//!    `save_session` per session, `save_message` per message (completed,
-//!    `--input-bytes` in, `--output-bytes` out), and `--events-per-message`
+//!    `save_session` per session, its messages (completed, `--input-bytes`
+//!    in, `--output-bytes` out) as `save_message` writes them but in one
+//!    transaction per session (see `insert_messages`), and `--events-per-message`
 //!    events per message through `append_events` (0 by default: a real
 //!    gateway also keeps up to `--replay-events` events per session, which
 //!    restore reads too, so the default is the lighter case).
@@ -200,7 +201,7 @@ async fn seed(args: &Args, db: &std::path::Path) -> Value {
         args.sessions
     );
     println!(
-        "seed: {} sessions × {} messages ({} B in, {} B out), {} events per message, through Store::save_session/save_message/append_events",
+        "seed: {} sessions × {} messages ({} B in, {} B out), {} events per message, through Store::save_session/append_events and save_message's rows",
         args.sessions, args.messages, args.input_bytes, args.output_bytes, args.events_per_message
     );
     let pad = |prefix: String, n: usize| {
@@ -211,6 +212,14 @@ async fn seed(args: &Args, db: &std::path::Path) -> Value {
         s.truncate(n.max(1));
         s
     };
+    // Messages go in through SQL of their own, a session per transaction
+    // (Store::save_message writes one per transaction: 1,000,000 of them took
+    // 481 s), as Store::save_message would have left them: the same body,
+    // status and usage sum.
+    sqlx::any::install_default_drivers();
+    let raw = sqlx::AnyPool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .expect("a second connection to the store");
     let t = Instant::now();
     let start = OffsetDateTime::now_utc() - time::Duration::days(1);
     let mut rows = 0u64;
@@ -235,6 +244,7 @@ async fn seed(args: &Args, db: &std::path::Path) -> Value {
             .await
             .expect("save_session");
         let mut seq = 0u64;
+        let mut messages = Vec::with_capacity(args.messages);
         for ord in 0..args.messages {
             let m: Message = serde_json::from_value(json!({
                 "id": Uuid::new_v4(), "session_id": id,
@@ -246,10 +256,6 @@ async fn seed(args: &Args, db: &std::path::Path) -> Value {
                 "fallback": false
             }))
             .expect("a message");
-            store
-                .save_message(ord as u64, &m)
-                .await
-                .expect("save_message");
             rows += 1;
             if args.events_per_message > 0 {
                 let events: Vec<EventRecord> = (0..args.events_per_message)
@@ -271,7 +277,9 @@ async fn seed(args: &Args, db: &std::path::Path) -> Value {
                     .await
                     .expect("append_events");
             }
+            messages.push(m);
         }
+        insert_messages(&raw, &messages).await;
         if seq > 0 {
             store.reserve_events(id, seq + 1).await.expect("reserve");
         }
@@ -285,8 +293,56 @@ async fn seed(args: &Args, db: &std::path::Path) -> Value {
         }
     }
     let secs = t.elapsed().as_secs_f64();
+    raw.close().await;
     drop(store);
     json!({"reused": false, "sessions": args.sessions, "messages": rows, "secs": secs})
+}
+
+/// Writes `messages` (one session's, in order) in one transaction as
+/// `Store::save_message` with a usage sum would: body, status, and the
+/// session's sum (nothing: these messages carry no usage).
+async fn insert_messages(pool: &sqlx::AnyPool, messages: &[Message]) {
+    let Some(first) = messages.first() else {
+        return;
+    };
+    let mut tx = pool.begin().await.expect("begin");
+    for (n, chunk) in messages.chunks(100).enumerate() {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let p = i * 5;
+                format!(
+                    "(${}, ${}, ${}, ${}, ${})",
+                    p + 1,
+                    p + 2,
+                    p + 3,
+                    p + 4,
+                    p + 5
+                )
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO messages (session_id, ord, id, body, status) VALUES {}",
+            values.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for (i, m) in chunk.iter().enumerate() {
+            q = q
+                .bind(m.session_id.to_string())
+                .bind((n * 100 + i) as i64)
+                .bind(m.id.to_string())
+                .bind(serde_json::to_string(m).expect("a message serialises"))
+                .bind("completed");
+        }
+        q.execute(&mut *tx).await.expect("insert messages");
+    }
+    sqlx::query("UPDATE sessions SET usage = $1, usage_version = $2 WHERE id = $3")
+        .bind(serde_json::to_string(&agentgate::model::SessionUsage::default()).unwrap())
+        .bind(messages.len() as i64)
+        .bind(first.session_id.to_string())
+        .execute(&mut *tx)
+        .await
+        .expect("usage sum");
+    tx.commit().await.expect("commit");
 }
 
 /// One start-up of a gateway on `db`, in this (fresh) process.

@@ -155,6 +155,32 @@ async fn killed_mid_reply_then_restarted(store: &str) {
         earlier.iter().any(|t| t == "my name is Ada"),
         "the resumed CLI sent the earlier turn: {earlier:?}"
     );
+
+    // A clean restart: the session comes back with its count and usage sum
+    // as stored beside it (its messages stay in the store until read).
+    let before = get_ok(&http, format!("{base}/sessions/{id}")).await;
+    assert!(
+        before["usage"]["output_tokens"].as_u64().unwrap_or(0) > 0,
+        "claude reported usage: {before}"
+    );
+    let mut node = node;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(node.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    node.child.wait().unwrap();
+    let node = start(home.path(), &mock, store);
+    let after = get_ok(&http, format!("{}/sessions/{id}", node.base)).await;
+    assert_eq!(after["message_count"], 3, "{after}");
+    assert_eq!(after["usage"], before["usage"], "{after}");
+    // And the sum goes on from there.
+    ask(&http, &node.base, &id, "and now?").await;
+    let later = get_ok(&http, format!("{}/sessions/{id}", node.base)).await;
+    assert!(
+        later["usage"]["output_tokens"].as_u64() > before["usage"]["output_tokens"].as_u64(),
+        "{later}"
+    );
 }
 
 #[tokio::test]

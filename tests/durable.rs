@@ -610,3 +610,144 @@ async fn old_history_is_read_from_the_store_and_memory_keeps_the_newest() {
         .unwrap();
     assert_problem(res, 404).await;
 }
+
+/// Runs `sql` on the SQLite store at `db`, behind the gateway's back.
+async fn sql(db: &std::path::Path, sql: &str, id: &str) {
+    use sqlx::Connection;
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query(sql).bind(id).execute(&mut conn).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restarted_gateway_reads_a_sessions_history_and_events_on_demand() {
+    let home = tempfile::tempdir().unwrap();
+    let db = home.path().join("agentgate.db");
+    let store = format!("sqlite:{}", db.display());
+    let http = reqwest::Client::builder().timeout(T).build().unwrap();
+    let mut node = start(home.path(), &store);
+    let base = node.base.clone();
+    let s = post_json(&http, format!("{base}/sessions"), json!({"agent": "sed"})).await;
+    let id = s["id"].as_str().unwrap().to_string();
+    for n in 0..3 {
+        assert_eq!(
+            ask(&http, &base, &id, &format!("m{n}")).await["output"],
+            format!("m{n}\n")
+        );
+    }
+    let before = read_sse(
+        http.get(format!("{base}/sessions/{id}/events"))
+            .send()
+            .await
+            .unwrap(),
+        T,
+        |i| i.event.as_deref() == Some("message.completed") && i.data["output"] == "m2\n",
+    )
+    .await;
+    let before_ids: Vec<u64> = before.iter().filter_map(|i| i.id).collect();
+    // Events are written in batches: wait until the last one is stored.
+    let last = *before_ids.last().unwrap();
+    eventually(T, || async {
+        use sqlx::Connection;
+        let url = format!("sqlite://{}?mode=ro", db.display());
+        let Ok(mut conn) = sqlx::SqliteConnection::connect(&url).await else {
+            return false;
+        };
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM events WHERE session_id = $1 AND seq = $2",
+        )
+        .bind(&id)
+        .bind(last as i64)
+        .fetch_one(&mut conn)
+        .await
+        .is_ok_and(|n| n == 1)
+    })
+    .await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(node.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    node.child.wait().unwrap();
+    // An old store's session has no usage sum (store version 4): give this
+    // one usage in its messages only, as such a store would have it.
+    let other = {
+        let node = start(home.path(), &store);
+        let s = post_json(
+            &http,
+            format!("{}/sessions", node.base),
+            json!({"agent": "sed"}),
+        )
+        .await;
+        let other = s["id"].as_str().unwrap().to_string();
+        assert_eq!(ask(&http, &node.base, &other, "x").await["output"], "x\n");
+        let mut node = node;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(node.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        node.child.wait().unwrap();
+        other
+    };
+    sql(&db, "UPDATE messages SET body = replace(body, '\"usage\":null', '\"usage\":{\"usage\":{\"input_tokens\":5,\"output_tokens\":2},\"cost_usd\":0.25}') WHERE session_id = $1", &other).await;
+    sql(
+        &db,
+        "UPDATE sessions SET usage = NULL, usage_version = 0 WHERE id = $1",
+        &other,
+    )
+    .await;
+    // And this one a usage sum of its own, which the restart takes as it is.
+    sql(&db, "UPDATE sessions SET usage = '{\"input_tokens\":7,\"output_tokens\":3,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"cost_usd\":0.5}' WHERE id = $1", &id).await;
+
+    let node = start(home.path(), &store);
+    let base = node.base.clone();
+    // Changed behind the gateway's back after it started: a session's
+    // history and events are read when asked for, not at start-up.
+    sql(&db, "UPDATE messages SET body = replace(body, '\"output\":\"m', '\"output\":\"stored m') WHERE session_id = $1", &id).await;
+    sql(&db, "UPDATE events SET data = replace(data, '\"output\":\"m', '\"output\":\"stored m') WHERE session_id = $1", &id).await;
+    let view = get(&http, format!("{base}/sessions/{id}")).await;
+    assert_eq!(view["message_count"], 3, "{view}");
+    assert_eq!(view["usage"]["input_tokens"], 7, "the stored sum: {view}");
+    assert_eq!(view["usage"]["cost_usd"], 0.5, "{view}");
+    let history = get(&http, format!("{base}/sessions/{id}/messages")).await;
+    let outputs: Vec<&str> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["output"].as_str().unwrap())
+        .collect();
+    assert_eq!(outputs, ["stored m0\n", "stored m1\n", "stored m2\n"]);
+    // The whole log from the start: the stored events once, in order, then the restart's.
+    let replay = read_sse(
+        http.get(format!("{base}/sessions/{id}/events"))
+            .send()
+            .await
+            .unwrap(),
+        T,
+        |i| i.data["reason"] == "restarted",
+    )
+    .await;
+    let ids: Vec<u64> = replay.iter().filter_map(|i| i.id).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    assert_eq!(&ids[..before_ids.len()], &before_ids[..], "{ids:?}");
+    let completed: Vec<&str> = replay
+        .iter()
+        .filter(|i| i.event.as_deref() == Some("message.completed"))
+        .map(|i| i.data["output"].as_str().unwrap())
+        .collect();
+    assert_eq!(completed, ["stored m0\n", "stored m1\n", "stored m2\n"]);
+    // A session of an older store: its messages are read at start-up, and its sum with them.
+    let view = get(&http, format!("{base}/sessions/{other}")).await;
+    assert_eq!(view["message_count"], 1, "{view}");
+    assert_eq!(view["usage"]["input_tokens"], 5, "{view}");
+    assert_eq!(view["usage"]["output_tokens"], 2, "{view}");
+    // New messages go on from the stored count, and new events after the old ones.
+    assert_eq!(ask(&http, &base, &id, "m3").await["output"], "m3\n");
+    let view = get(&http, format!("{base}/sessions/{id}")).await;
+    assert_eq!(view["message_count"], 4, "{view}");
+    let history = get(&http, format!("{base}/sessions/{id}/messages")).await;
+    assert_eq!(history["messages"][3]["output"], "m3\n", "{history}");
+    assert_eq!(history["messages"][2]["output"], "stored m2\n", "{history}");
+}

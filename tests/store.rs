@@ -45,11 +45,11 @@ async fn round_trip(spec: StoreSpec) {
         let store = Store::open(&spec).await.unwrap();
         assert!(store.is_durable());
         store.save_session(&s).await.unwrap();
-        store.save_message(0, &m1).await.unwrap();
-        store.save_message(1, &m2).await.unwrap();
+        store.save_message(0, &m1, None).await.unwrap();
+        store.save_message(1, &m2, None).await.unwrap();
         m1.status = MessageStatus::Completed;
         m1.output = "hello".into();
-        store.save_message(0, &m1).await.unwrap();
+        store.save_message(0, &m1, None).await.unwrap();
         store.reserve_events(s.id, 1024).await.unwrap();
         let events: Vec<EventRecord> = (1..=5)
             .map(|seq| EventRecord {
@@ -207,7 +207,7 @@ async fn a_node_whose_lease_was_taken_writes_nothing_more() {
     assert_eq!(a.acquire(s.id, long).await.unwrap(), Some(1));
     a.save_session(&s).await.unwrap();
     let mut m = message(s.id, "one");
-    a.save_message(0, &m).await.unwrap();
+    a.save_message(0, &m, None).await.unwrap();
     // Held and live: nobody else takes it.
     assert_eq!(b.acquire(s.id, long).await.unwrap(), None);
     // a stops renewing (a renewal of zero: its lease expires now); b takes it.
@@ -218,7 +218,7 @@ async fn a_node_whose_lease_was_taken_writes_nothing_more() {
     m.status = MessageStatus::Completed;
     m.output = "late".into();
     assert!(matches!(
-        a.save_message(0, &m).await,
+        a.save_message(0, &m, None).await,
         Err(StoreError::Fenced(id)) if id == s.id
     ));
     assert!(!a.holds(s.id), "a refused write forgets the lease");
@@ -227,7 +227,7 @@ async fn a_node_whose_lease_was_taken_writes_nothing_more() {
     assert_eq!(stored[0].status, MessageStatus::Queued);
     assert_eq!(stored[0].output, "");
     // The holder writes as before.
-    b.save_message(0, &m).await.unwrap();
+    b.save_message(0, &m, None).await.unwrap();
     assert_eq!(b.load_messages(s.id).await.unwrap()[0].output, "late");
     b.delete_session(s.id).await.unwrap();
 }

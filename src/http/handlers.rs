@@ -667,6 +667,8 @@ pub async fn events(
                     "a remote session without a cluster".into(),
                 ));
             };
+            // After a restart a session's older events are read on first demand.
+            state.registry.load_events(&handle.shared, after).await?;
             let sub = handle.shared.log.subscribe(after);
             Ok(sse::response(
                 sub,

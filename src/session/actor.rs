@@ -117,7 +117,7 @@ enum Wake {
 pub(super) struct Actor {
     shared: Arc<SessionShared>,
     registry: Arc<Registry>,
-    rx: mpsc::Receiver<Command>,
+    rx: mpsc::Receiver<Box<Command>>,
     queue: VecDeque<Queued>,
     /// What runs for the session: no process, a child, a child being
     /// stopped, or a one-shot run.
@@ -138,7 +138,7 @@ impl Actor {
     pub(super) fn new(
         shared: Arc<SessionShared>,
         registry: Arc<Registry>,
-        rx: mpsc::Receiver<Command>,
+        rx: mpsc::Receiver<Box<Command>>,
     ) -> Actor {
         Actor {
             shared,
@@ -166,7 +166,7 @@ impl Actor {
                 let lifecycle = &mut self.lifecycle;
                 tokio::select! {
                     wake = lifecycle.next() => wake,
-                    cmd = self.rx.recv() => Wake::Command(cmd),
+                    cmd = self.rx.recv() => Wake::Command(cmd.map(|c| *c)),
                     _ = async {
                         match deadline {
                             Some(d) => tokio::time::sleep_until(d).await,
@@ -180,21 +180,26 @@ impl Actor {
                 .current
                 .as_ref()
                 .map_or_else(tracing::Span::none, |c| c.span.clone());
-            async {
-                match wake {
-                    Wake::Command(Some(cmd)) => self.command(cmd).await,
-                    // Every handle is gone: nobody can reach this session any more.
-                    Wake::Command(None) => self.close(CloseReason::Shutdown).await,
-                    Wake::Child(ev) => self.child_event(ev).await,
-                    Wake::Fallback(ev) => self.fallback_event(ev).await,
-                    Wake::Stopped => {
-                        self.lifecycle = Lifecycle::Idle;
-                        self.try_start_next().await;
+            // Boxed: the handlers' futures are large, and held inline they
+            // would size every session's task (an idle one too) for the
+            // largest of them.
+            Box::pin(
+                async {
+                    match wake {
+                        Wake::Command(Some(cmd)) => self.command(cmd).await,
+                        // Every handle is gone: nobody can reach this session any more.
+                        Wake::Command(None) => self.close(CloseReason::Shutdown).await,
+                        Wake::Child(ev) => self.child_event(ev).await,
+                        Wake::Fallback(ev) => self.fallback_event(ev).await,
+                        Wake::Stopped => {
+                            self.lifecycle = Lifecycle::Idle;
+                            self.try_start_next().await;
+                        }
+                        Wake::Timer => self.timers().await,
                     }
-                    Wake::Timer => self.timers().await,
                 }
-            }
-            .instrument(span)
+                .instrument(span),
+            )
             .await;
         }
         self.registry.closed(&self.shared);

@@ -212,6 +212,8 @@ struct Ring {
     bytes: usize,
     next_seq: u64,
     closed: bool,
+    /// Events below this id are in the store and not yet here (0: none).
+    unloaded_below: u64,
 }
 
 /// The log of one session (or of one one-shot run).
@@ -234,6 +236,7 @@ impl EventLog {
                 bytes: 0,
                 next_seq: 1,
                 closed: false,
+                unloaded_below: 0,
             }),
             last: watch::channel(0).0,
             max_events: max_events.max(1),
@@ -267,14 +270,93 @@ impl EventLog {
         log
     }
 
+    /// A log that continues a stored one whose events (ids up to
+    /// `last_stored`) stay in the store until a reader needs them
+    /// ([`EventLog::needs_stored`], [`EventLog::load_stored`]): a restart
+    /// reads no session's events. New events get ids from `next_seq` on.
+    pub fn restore_lazy(
+        max_events: usize,
+        max_bytes: usize,
+        last_stored: u64,
+        next_seq: u64,
+    ) -> Arc<EventLog> {
+        let log = EventLog::new(max_events, max_bytes);
+        {
+            let mut ring = log.ring.lock().expect("event ring poisoned");
+            ring.next_seq = next_seq.max(last_stored + 1);
+            ring.unloaded_below = if last_stored > 0 { last_stored + 1 } else { 0 };
+        }
+        let last = log.last_seq();
+        log.last.send_replace(last);
+        log
+    }
+
+    /// Whether a reader that has seen up to `after` needs events that are
+    /// still in the store only.
+    pub fn needs_stored(&self, after: u64) -> bool {
+        let ring = self.ring.lock().expect("event ring poisoned");
+        ring.unloaded_below > 0 && after + 1 < ring.unloaded_below
+    }
+
+    /// Puts the stored events (oldest first) before those published since
+    /// the log was restored, within the replay limits (the newest are
+    /// kept). Once only: a second call, or one on a log that was never
+    /// lazy, changes nothing.
+    pub fn load_stored(&self, events: Vec<(u64, String, Option<Uuid>, String)>) {
+        let mut ring = self.ring.lock().expect("event ring poisoned");
+        let below = std::mem::take(&mut ring.unloaded_below);
+        if below == 0 {
+            return;
+        }
+        let mut older: VecDeque<Arc<StoredEvent>> = events
+            .into_iter()
+            .filter(|e| e.0 < below)
+            .map(|(seq, name, message_id, data)| {
+                Arc::new(StoredEvent::read_back(seq, &name, message_id, &data))
+            })
+            .collect();
+        let mut bytes: usize = older.iter().map(|e| e.data.len()).sum();
+        while !older.is_empty()
+            && (older.len() + ring.events.len() > self.max_events
+                || (bytes + ring.bytes > self.max_bytes && older.len() + ring.events.len() > 1))
+        {
+            let old = older.pop_front().expect("non-empty");
+            bytes -= old.data.len();
+        }
+        ring.bytes += bytes;
+        while let Some(e) = older.pop_back() {
+            ring.events.push_front(e);
+        }
+    }
+
+    /// The events held in memory with ids above `after`, as the store
+    /// keeps them.
+    pub fn events_after(&self, after: u64) -> Vec<crate::store::EventRecord> {
+        let ring = self.ring.lock().expect("event ring poisoned");
+        ring.events
+            .iter()
+            .filter(|e| e.seq > after)
+            .map(|e| crate::store::EventRecord {
+                seq: e.seq,
+                name: e.name.to_string(),
+                message_id: e.message_id,
+                data: e.data().to_string(),
+            })
+            .collect()
+    }
+
     /// Sends every event published from now on to `sink` as well.
     pub fn set_sink(&self, sink: tokio::sync::mpsc::UnboundedSender<Arc<StoredEvent>>) {
         let _ = self.sink.set(sink);
     }
 
-    /// The id of the oldest event still kept (the next id when none is).
+    /// The id of the oldest event still kept (the next id when none is;
+    /// 0 while older events are in the store only: the store keeps them).
     pub fn first_seq(&self) -> u64 {
         let ring = self.ring.lock().expect("event ring poisoned");
+        if ring.unloaded_below > 0 {
+            return 0;
+        }
         ring.events.front().map_or(ring.next_seq, |e| e.seq)
     }
 
@@ -579,5 +661,42 @@ mod tests {
         assert!(matches!(sub.next().await, Some(Item::Gap { from: 1, .. })));
         let ring = log.ring.lock().unwrap();
         assert!(ring.bytes <= 100 && ring.events.len() <= 3);
+    }
+
+    #[tokio::test]
+    async fn a_lazy_log_takes_its_stored_events_once_and_within_its_limits() {
+        let stored = |seqs: std::ops::RangeInclusive<u64>| {
+            seqs.map(|n| (n, "session.state".to_string(), None, format!("{n}")))
+                .collect::<Vec<_>>()
+        };
+        // Ids 1..=10 stored; the previous gateway could have used up to 20.
+        let log = EventLog::restore_lazy(8, usize::MAX, 10, 21);
+        assert_eq!(log.first_seq(), 0, "nothing may be pruned yet");
+        assert!(log.needs_stored(0) && log.needs_stored(9));
+        assert!(
+            !log.needs_stored(10),
+            "a reader at the last stored id needs none"
+        );
+        assert_eq!(log.publish_as("e", None, &"new"), 21);
+        assert_eq!(log.publish_as("e", None, &"new"), 22);
+        log.load_stored(stored(1..=10));
+        // A second load changes nothing.
+        log.load_stored(stored(1..=10));
+        assert!(!log.needs_stored(0));
+        // Eight at most, the newest kept: 5..=10, then 21 and 22.
+        let mut sub = log.subscribe(0);
+        assert!(matches!(
+            sub.next().await,
+            Some(Item::Gap { from: 1, to: 4 })
+        ));
+        let mut ids = Vec::new();
+        for _ in 0..8 {
+            match sub.next().await {
+                Some(Item::Event(e)) => ids.push(e.seq),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(ids, [5, 6, 7, 8, 9, 10, 21, 22]);
+        assert_eq!(log.first_seq(), 5);
     }
 }

@@ -54,6 +54,10 @@ pub enum CloseReason {
 }
 
 /// A request to a session's task.
+///
+/// Commands travel boxed ([`SessionHandle`]): a session's channel allocates
+/// room for 32 of them when it is created, so every idle session would pay
+/// 32 times the largest variant.
 pub(crate) enum Command {
     Start {
         warm: Option<crate::process::ChildProcess>,
@@ -137,6 +141,9 @@ struct Status {
     base: usize,
     /// Usage of the dropped messages, so the session's sum stays whole.
     dropped_usage: SessionUsage,
+    /// The version of the last usage sum handed to the store (see
+    /// [`crate::store::UsageMark`]).
+    usage_version: u64,
     /// Messages whose last write to the store failed: never dropped (the
     /// store may hold an older state of them).
     unstored: std::collections::HashSet<Uuid>,
@@ -154,6 +161,22 @@ struct Status {
     /// claude's `total_cost_usd` is cumulative (per process, and carried
     /// over by `--resume`): the last one seen, so each message gets its own share.
     last_total_cost: Option<f64>,
+}
+
+impl Status {
+    /// The usage sum of the whole history, with a version above every one
+    /// handed out before: taken under the status lock, so a later sum here
+    /// always has the higher version, and never below the wall clock in
+    /// microseconds, so a sum written by the next gateway (a restart, a
+    /// cluster node taking the session over) passes this one's.
+    fn usage_mark(&mut self) -> crate::store::UsageMark {
+        let now = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000;
+        self.usage_version = (self.usage_version + 1).max(u64::try_from(now).unwrap_or(0));
+        crate::store::UsageMark {
+            version: self.usage_version,
+            usage: add_usage(self.dropped_usage.clone(), &self.messages),
+        }
+    }
 }
 
 /// Sums the usage of `messages`: claude's per-reply `usage` tokens and the
@@ -226,12 +249,18 @@ impl SessionShared {
         }
     }
 
-    /// Message `id` and its place in the history (for the store).
-    pub(crate) fn message_at(&self, id: Uuid) -> Option<(u64, Message)> {
-        let s = self.status();
-        s.index
-            .get(&id)
-            .map(|i| (*i as u64, s.messages[*i - s.base].clone()))
+    /// Message `id`, its place in the history, and the session's usage sum
+    /// as of now (for the store).
+    pub(crate) fn message_at(&self, id: Uuid) -> Option<(u64, Message, crate::store::UsageMark)> {
+        let mut s = self.status();
+        let i = *s.index.get(&id)?;
+        let m = s.messages[i - s.base].clone();
+        Some((i as u64, m, Status::usage_mark(&mut s)))
+    }
+
+    /// The session's usage sum as of now, for the store.
+    pub(crate) fn usage_mark(&self) -> crate::store::UsageMark {
+        Status::usage_mark(&mut self.status())
     }
 
     /// Drops message `id` (the last one) again: the store refused it.
@@ -382,7 +411,7 @@ impl SessionShared {
 pub struct SessionHandle {
     /// The readable part.
     pub shared: Arc<SessionShared>,
-    tx: mpsc::Sender<Command>,
+    tx: mpsc::Sender<Box<Command>>,
 }
 
 impl SessionHandle {
@@ -397,7 +426,7 @@ impl SessionHandle {
     ) -> Result<T, ApiError> {
         let (tx, rx) = oneshot::channel();
         let gone = || ApiError::Gone(format!("session {} is closed", self.shared.id));
-        self.tx.send(make(tx)).await.map_err(|_| gone())?;
+        self.tx.send(Box::new(make(tx))).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())
     }
 
@@ -458,12 +487,14 @@ impl SessionHandle {
 
     /// Asks the session to stop its child if it is idle.
     pub(crate) fn suspend(&self, reason: &'static str, idle_for: Option<Duration>) {
-        let _ = self.tx.try_send(Command::Suspend { reason, idle_for });
+        let _ = self
+            .tx
+            .try_send(Box::new(Command::Suspend { reason, idle_for }));
     }
 
     /// Tells the session that a child slot may be free.
     pub(crate) fn wake(&self) {
-        let _ = self.tx.try_send(Command::Wake);
+        let _ = self.tx.try_send(Box::new(Command::Wake));
     }
 
     /// Waits until message `id` has finished and returns it.

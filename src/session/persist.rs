@@ -27,13 +27,14 @@ pub(super) fn spawn_writer(store: Arc<Store>, id: Uuid, log: &Arc<EventLog>, mut
     log.set_sink(tx);
     let log = Arc::downgrade(log);
     tokio::spawn(async move {
-        let mut batch = Vec::with_capacity(BATCH);
+        // Grown on the first batch: an idle session's writer holds nothing.
+        let mut batch = Vec::new();
         let mut writes = 0u64;
         while rx.recv_many(&mut batch, BATCH).await > 0 {
             let last = batch.last().map_or(0, |e| e.seq);
             if last + RESERVE / 2 > ceiling {
                 ceiling = last + RESERVE;
-                if let Err(e) = store.reserve_events(id, ceiling).await {
+                if let Err(e) = Box::pin(store.reserve_events(id, ceiling)).await {
                     tracing::error!(session_id = %id, error = %e, "cannot reserve event ids");
                 }
             }
@@ -46,14 +47,16 @@ pub(super) fn spawn_writer(store: Arc<Store>, id: Uuid, log: &Arc<EventLog>, mut
                     data: e.data().to_string(),
                 })
                 .collect();
-            if let Err(e) = store.append_events(id, &records).await {
+            // Boxed, like the prune below: the store's futures would size the
+            // task of every session, an idle one too.
+            if let Err(e) = Box::pin(store.append_events(id, &records)).await {
                 tracing::error!(session_id = %id, events = records.len(), error = %e, "cannot store events; they are lost on a restart (reported as stream.gap)");
             }
             writes += 1;
             // Keep the stored log within the replay limits, now and then.
             if writes % 16 == 1 {
                 if let Some(first) = log.upgrade().map(|l| l.first_seq()) {
-                    let _ = store.prune_events(id, first).await;
+                    let _ = Box::pin(store.prune_events(id, first)).await;
                 }
             }
         }

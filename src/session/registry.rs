@@ -336,6 +336,7 @@ impl Registry {
                 messages,
                 base: 0,
                 dropped_usage: Default::default(),
+                usage_version: 0,
                 unstored: Default::default(),
                 index,
                 queued: 0,
@@ -360,6 +361,7 @@ impl Registry {
                 self.store
                     .reserve_events(id, super::persist::RESERVE)
                     .await?;
+                let usage = shared.usage_mark();
                 for (ord, m) in shared
                     .messages(None, usize::MAX)
                     .ok()
@@ -368,7 +370,7 @@ impl Registry {
                     .iter()
                     .enumerate()
                 {
-                    self.store.save_message(ord as u64, m).await?;
+                    self.store.save_message(ord as u64, m, Some(&usage)).await?;
                 }
                 shared.trim_history(self.config.history_in_memory);
                 Ok::<(), crate::store::StoreError>(())
@@ -401,7 +403,10 @@ impl Registry {
             .then(|| self.pool.take(&profile.name))
             .flatten();
         let (reply, started) = tokio::sync::oneshot::channel();
-        let _ = handle.tx.send(Command::Start { warm, reply }).await;
+        let _ = handle
+            .tx
+            .send(Box::new(Command::Start { warm, reply }))
+            .await;
         let _ = started.await;
         Ok(handle)
     }
@@ -493,47 +498,112 @@ impl Registry {
         Ok(())
     }
 
-    /// Brings back every open session of the store, each `suspended` with
-    /// its history and event log; a message that was queued or running when
-    /// the previous gateway stopped fails with `gateway_lost`, and event ids
-    /// continue after the highest one the previous gateway could have used.
-    /// Returns how many sessions came back.
+    /// Brings back every open session of the store, each `suspended`; a
+    /// message that was queued or running when the previous gateway
+    /// stopped fails with `gateway_lost`, and event ids continue after the
+    /// highest one the previous gateway could have used. Returns how many
+    /// sessions came back.
+    ///
+    /// Start-up does not load the world: it reads each session's record,
+    /// message count and usage sum ([`Store::load_summaries`]), and the
+    /// messages left queued or running; a session's history and events stay
+    /// in the store until a request reads them (memory starts with none of
+    /// its messages, its event log with none of its events). Its writes are
+    /// one transaction. Only a session stored before the usage sums (store
+    /// version 5), or one with a lost message, has its messages read.
+    ///
+    /// [`Store::load_summaries`]: crate::store::Store::load_summaries
     pub async fn restore(self: &Arc<Self>) -> Result<usize, crate::store::StoreError> {
-        use crate::model::{FailureCode, MessageError, MessageStatus};
+        use crate::model::{FailureCode, MessageError};
         if self.cluster.is_some() {
             return self.restore_node().await;
         }
+        let summaries = self.store.load_summaries().await?;
+        let mut unfinished: HashMap<Uuid, Vec<u64>> = HashMap::new();
+        for (ord, m) in self.store.load_unfinished().await? {
+            unfinished.entry(m.session_id).or_default().push(ord);
+        }
+        // Every ceiling is raised by the same step, in one statement: ids
+        // continue after the highest one the previous gateway could use.
+        let raise = super::persist::RESERVE + 1;
+        let mut writes = Vec::new();
         let mut restored = 0;
-        for (record, ceiling) in self.store.load_sessions().await? {
+        for summary in summaries {
+            let crate::store::SessionSummary {
+                record,
+                ceiling,
+                last_seq,
+                message_count,
+                usage,
+            } = summary;
             let Some(profile) = self.config.profiles.get(&record.agent).cloned() else {
                 tracing::warn!(session_id = %record.id, agent = %record.agent, "a stored session's profile no longer exists; not restored");
                 continue;
             };
             let id = record.id;
+            let next_seq = ceiling.max(last_seq) + 1;
+            let new_ceiling = ceiling + raise;
+            if new_ceiling < next_seq + super::persist::RESERVE {
+                // Only if a stored id passed the ceiling (never by this gateway's writes).
+                self.store
+                    .reserve_events(id, next_seq + super::persist::RESERVE)
+                    .await?;
+            }
+            let log = EventLog::restore_lazy(
+                self.config.replay_events,
+                self.config.replay_bytes,
+                last_seq,
+                next_seq,
+            );
+            // Sums written from now on must pass the stored one's version.
+            let usage_version = usage.as_ref().map_or(0, |u| u.version);
+            let history = match (usage, unfinished.contains_key(&id)) {
+                (Some(mark), false) => History::InStore {
+                    count: message_count as usize,
+                    usage: mark,
+                },
+                (None, false) if message_count == 0 => History::Loaded(vec![], 0),
+                _ => {
+                    // Read once: its usage sum is not stored, or a message was lost.
+                    let mut messages = self.store.load_messages(id).await?;
+                    for (ord, m) in messages.iter_mut().enumerate() {
+                        if m.status.is_terminal() {
+                            continue;
+                        }
+                        m.status = crate::model::MessageStatus::Failed;
+                        m.error = Some(MessageError {
+                            code: FailureCode::GatewayLost,
+                            detail: "the gateway stopped while this message was queued or running"
+                                .into(),
+                        });
+                        m.finished_at = Some(OffsetDateTime::now_utc());
+                        self.store.save_message(ord as u64, m, None).await?;
+                        if let Some(error) = &m.error {
+                            log.publish(&crate::session::Event::MessageFailed {
+                                error,
+                                message_id: m.id,
+                            });
+                        }
+                    }
+                    History::Loaded(messages, usage_version)
+                }
+            };
             if record.closed.is_some() {
-                self.restore_closed(record, ceiling, profile).await?;
+                self.restore_closed(record, history, log).await?;
                 continue;
             }
-            let mut messages = self.store.load_messages(id).await?;
-            let mut lost = Vec::new();
-            for (ord, m) in messages.iter_mut().enumerate() {
-                if matches!(m.status, MessageStatus::Queued | MessageStatus::Running) {
-                    m.status = MessageStatus::Failed;
-                    m.error = Some(MessageError {
-                        code: FailureCode::GatewayLost,
-                        detail: "the gateway stopped while this message was queued or running"
-                            .into(),
-                    });
-                    m.finished_at = Some(OffsetDateTime::now_utc());
-                    self.store.save_message(ord as u64, m).await?;
-                    lost.push(m.clone());
-                }
-            }
-            let log = self.reopen_log(id, ceiling, &lost).await?;
+            log.publish(&crate::session::Event::SessionState {
+                pid: None,
+                reason: Some("restarted"),
+                state: SessionState::Suspended,
+            });
+            // Published before the writer starts: written below, with the rest.
+            writes.extend(log.events_after(0).into_iter().map(|e| (id, e)));
+            super::persist::spawn_writer(self.store.clone(), id, &log, new_ceiling);
             let shared = self.restored_shared(
                 &record,
                 profile.clone(),
-                messages,
+                history,
                 log,
                 SessionState::Suspended,
                 Duration::ZERO,
@@ -546,6 +616,7 @@ impl Registry {
             self.launch(shared);
             restored += 1;
         }
+        self.store.restart_writes(raise, &writes).await?;
         Ok(restored)
     }
 
@@ -599,8 +670,8 @@ impl Registry {
     async fn restore_closed(
         self: &Arc<Self>,
         record: crate::store::SessionRecord,
-        ceiling: u64,
-        profile: Arc<AgentProfile>,
+        history: History,
+        log: Arc<EventLog>,
     ) -> Result<(), crate::store::StoreError> {
         let id = record.id;
         let closed_for: Duration = (OffsetDateTime::now_utc() - record.last_activity_at)
@@ -609,27 +680,14 @@ impl Registry {
         if closed_for >= self.config.session_ttl {
             return self.store.delete_session(id).await;
         }
-        let messages = self.store.load_messages(id).await?;
-        let events = self
-            .store
-            .load_events(id)
-            .await?
-            .into_iter()
-            .map(|e| (e.seq, e.name, e.message_id, e.data))
-            .collect::<Vec<_>>();
-        // As for an open session: ids it may have handed out are never reused.
-        let next_seq = ceiling.max(events.last().map_or(0, |e| e.0)) + 1;
-        let log = EventLog::restore(
-            self.config.replay_events,
-            self.config.replay_bytes,
-            events,
-            next_seq,
-        );
+        let Some(profile) = self.config.profiles.get(&record.agent).cloned() else {
+            return Ok(());
+        };
         log.close();
         let shared = self.restored_shared(
             &record,
             profile,
-            messages,
+            history,
             log,
             SessionState::Closed,
             closed_for,
@@ -640,6 +698,27 @@ impl Registry {
         Ok(())
     }
 
+    /// Makes sure `shared`'s event log holds the stored events a reader
+    /// that has seen up to `after` needs (after a restart they stay in the
+    /// store until asked for).
+    pub async fn load_events(
+        &self,
+        shared: &SessionShared,
+        after: u64,
+    ) -> Result<(), crate::store::StoreError> {
+        if !shared.log.needs_stored(after) {
+            return Ok(());
+        }
+        let events = self.store.load_events(shared.id).await?;
+        shared.log.load_stored(
+            events
+                .into_iter()
+                .map(|e| (e.seq, e.name, e.message_id, e.data))
+                .collect(),
+        );
+        Ok(())
+    }
+
     /// The shared part of a session read back from the store, in `state`,
     /// last active `idle_for` ago. A closed one holds no place under
     /// `max_sessions` (it is born released).
@@ -647,15 +726,19 @@ impl Registry {
         &self,
         record: &crate::store::SessionRecord,
         profile: Arc<AgentProfile>,
-        messages: Vec<Message>,
+        history: History,
         log: Arc<EventLog>,
         state: SessionState,
         idle_for: Duration,
     ) -> Arc<SessionShared> {
+        let (messages, base, dropped_usage, usage_version) = match history {
+            History::Loaded(messages, version) => (messages, 0, Default::default(), version),
+            History::InStore { count, usage } => (vec![], count, usage.usage, usage.version),
+        };
         let index = messages
             .iter()
             .enumerate()
-            .map(|(i, m)| (m.id, i))
+            .map(|(i, m)| (m.id, base + i))
             .collect();
         let shared = Arc::new(SessionShared {
             id: record.id,
@@ -677,8 +760,9 @@ impl Registry {
                     .unwrap_or_else(Instant::now),
                 last_activity_at: record.last_activity_at,
                 messages,
-                base: 0,
-                dropped_usage: Default::default(),
+                base,
+                dropped_usage,
+                usage_version,
                 unstored: Default::default(),
                 index,
                 queued: 0,
@@ -983,4 +1067,18 @@ fn owner_cwd(
             ))
         })?;
     Ok(Some(path))
+}
+
+/// A restored session's history as memory starts with it.
+pub(super) enum History {
+    /// Every message, read from the store, and the version of the stored
+    /// usage sum (0 for none).
+    Loaded(Vec<Message>, u64),
+    /// None: all `count` messages stay in the store, whose usage sum is `usage`.
+    InStore {
+        /// How many messages it has.
+        count: usize,
+        /// Their usage sum.
+        usage: crate::store::UsageMark,
+    },
 }

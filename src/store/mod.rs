@@ -160,6 +160,33 @@ pub struct EventRecord {
     pub data: String,
 }
 
+/// A session's usage summed over all its messages, as of one moment:
+/// written with each message so a restart need not read them
+/// (`version` only grows; see migration 5).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageMark {
+    /// Larger for a later sum.
+    pub version: u64,
+    /// The sum.
+    pub usage: crate::model::SessionUsage,
+}
+
+/// What a restart needs of a stored session without reading its messages
+/// or events ([`Store::load_summaries`]).
+#[derive(Debug, Clone)]
+pub struct SessionSummary {
+    /// Its record.
+    pub record: SessionRecord,
+    /// The highest event id it may have handed out.
+    pub ceiling: u64,
+    /// The highest event id stored (0 for none).
+    pub last_seq: u64,
+    /// How many messages it has.
+    pub message_count: u64,
+    /// Its usage sum (`None`: stored before migration 5, or never written).
+    pub usage: Option<UsageMark>,
+}
+
 /// A child recorded as live, for the clean-up after a killed gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChildRecord {
@@ -358,8 +385,14 @@ impl Store {
         .await
     }
 
-    /// Creates or updates message `m`, the `ord`-th of its session.
-    pub async fn save_message(&self, ord: u64, m: &Message) -> Result<(), StoreError> {
+    /// Creates or updates message `m`, the `ord`-th of its session, and
+    /// with `usage` the session's usage sum, in one transaction.
+    pub async fn save_message(
+        &self,
+        ord: u64,
+        m: &Message,
+        usage: Option<&UsageMark>,
+    ) -> Result<(), StoreError> {
         bounded(async move {
             let Some(pool) = &self.pool else {
                 return Ok(());
@@ -369,7 +402,7 @@ impl Store {
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default();
-            let mut tx = self.begin_for(pool, m.session_id, false).await?;
+            let mut tx = self.begin_for(pool, m.session_id, usage.is_some()).await?;
             sqlx::query(
                 "INSERT INTO messages (session_id, ord, id, body, status) VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (session_id, ord) DO UPDATE SET body = excluded.body, status = excluded.status",
@@ -381,6 +414,18 @@ impl Store {
             .bind(status)
             .execute(&mut *tx)
             .await?;
+            if let Some(mark) = usage {
+                let sum = serde_json::to_string(&mark.usage)
+                    .map_err(|e| StoreError::Query(e.to_string()))?;
+                sqlx::query(
+                    "UPDATE sessions SET usage = $1, usage_version = $2 WHERE id = $3 AND usage_version < $2",
+                )
+                .bind(sum)
+                .bind(mark.version as i64)
+                .bind(m.session_id.to_string())
+                .execute(&mut *tx)
+                .await?;
+            }
             tx.commit().await?;
             Ok(())
         })
@@ -491,6 +536,136 @@ impl Store {
             }
             out.sort_by_key(|(s, _)| s.created_at);
             Ok(out)
+        })
+        .await
+    }
+
+    /// Every stored session with what a restart needs to bring it back
+    /// without reading its messages or events: one query, an index lookup
+    /// per session for its message count and newest event id. Oldest first.
+    pub async fn load_summaries(&self) -> Result<Vec<SessionSummary>, StoreError> {
+        bounded(async move {
+            let Some(pool) = &self.pool else {
+                return Ok(vec![]);
+            };
+            let rows = sqlx::query(
+                "SELECT s.body, s.seq_ceiling, s.owner, s.usage, s.usage_version, \
+                 (SELECT MAX(ord) FROM messages m WHERE m.session_id = s.id), \
+                 (SELECT MAX(seq) FROM events e WHERE e.session_id = s.id) \
+                 FROM sessions s",
+            )
+            .fetch_all(pool)
+            .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                let body: String = row.try_get(0)?;
+                let ceiling: i64 = row.try_get(1)?;
+                let owner: Option<String> = row.try_get(2)?;
+                let usage: Option<String> = row.try_get(3)?;
+                let usage_version: i64 = row.try_get(4)?;
+                let last_ord: Option<i64> = row.try_get(5)?;
+                let last_seq: Option<i64> = row.try_get(6)?;
+                let record = match serde_json::from_str::<SessionRecord>(&body) {
+                    Ok(s) => SessionRecord { owner, ..s },
+                    Err(e) => {
+                        tracing::error!(error = %e, "a stored session cannot be read; skipped");
+                        continue;
+                    }
+                };
+                let usage = usage
+                    .and_then(|u| serde_json::from_str(&u).ok())
+                    .map(|usage| UsageMark {
+                        version: usage_version.max(0) as u64,
+                        usage,
+                    });
+                out.push(SessionSummary {
+                    record,
+                    ceiling: ceiling.max(0) as u64,
+                    last_seq: last_seq.unwrap_or(0).max(0) as u64,
+                    message_count: last_ord.map_or(0, |o| o.max(-1) + 1) as u64,
+                    usage,
+                });
+            }
+            out.sort_by_key(|s| s.record.created_at);
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Every message stored as queued or running, with its place in its
+    /// session (after a restart these failed with `gateway_lost`).
+    pub async fn load_unfinished(&self) -> Result<Vec<(u64, Message)>, StoreError> {
+        bounded(async move {
+            let Some(pool) = &self.pool else {
+                return Ok(vec![]);
+            };
+            let rows = sqlx::query(
+                "SELECT ord, body FROM messages WHERE status IN ('queued', 'running') ORDER BY session_id, ord",
+            )
+            .fetch_all(pool)
+            .await?;
+            rows.iter()
+                .map(|row| {
+                    let ord: i64 = row.try_get(0)?;
+                    let body: String = row.try_get(1)?;
+                    let m = serde_json::from_str(&body).map_err(|e| StoreError::Query(e.to_string()))?;
+                    Ok((ord as u64, m))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// A restart's writes in one transaction: every session's event-id
+    /// ceiling raised by `raise`, and `events` (session, event) appended.
+    pub async fn restart_writes(
+        &self,
+        raise: u64,
+        events: &[(Uuid, EventRecord)],
+    ) -> Result<(), StoreError> {
+        // Rows per INSERT: 5 parameters each, well within SQLite's and
+        // PostgreSQL's limits on parameters per statement.
+        const ROWS: usize = 200;
+        bounded(async move {
+            let Some(pool) = &self.pool else {
+                return Ok(());
+            };
+            let mut w = writer::Writer::open(pool, true).await?;
+            sqlx::query("UPDATE sessions SET seq_ceiling = seq_ceiling + $1")
+                .bind(raise as i64)
+                .execute(&mut *w)
+                .await?;
+            for chunk in events.chunks(ROWS) {
+                let values: Vec<String> = (0..chunk.len())
+                    .map(|i| {
+                        let p = i * 5;
+                        format!(
+                            "(${}, ${}, ${}, ${}, ${})",
+                            p + 1,
+                            p + 2,
+                            p + 3,
+                            p + 4,
+                            p + 5
+                        )
+                    })
+                    .collect();
+                let sql = format!(
+                    "INSERT INTO events (session_id, seq, name, message_id, data) VALUES {} \
+                     ON CONFLICT (session_id, seq) DO NOTHING",
+                    values.join(", ")
+                );
+                let mut q = sqlx::query(&sql);
+                for (id, e) in chunk {
+                    q = q
+                        .bind(id.to_string())
+                        .bind(e.seq as i64)
+                        .bind(e.name.clone())
+                        .bind(e.message_id.map(|m| m.to_string()))
+                        .bind(e.data.clone());
+                }
+                q.execute(&mut *w).await?;
+            }
+            w.commit().await
         })
         .await
     }

@@ -108,7 +108,7 @@ impl Actor {
             .flatten();
         async move {
             match found {
-                Some((ord, m)) => store.save_message(ord, &m).await,
+                Some((ord, m, usage)) => store.save_message(ord, &m, Some(&usage)).await,
                 None => Ok(()),
             }
         }

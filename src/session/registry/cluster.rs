@@ -194,7 +194,7 @@ impl Registry {
                     detail: "the node running this message stopped".into(),
                 });
                 m.finished_at = Some(OffsetDateTime::now_utc());
-                self.store.save_message(ord as u64, m).await?;
+                self.store.save_message(ord as u64, m, None).await?;
                 lost.push(m.clone());
             }
         }
@@ -210,7 +210,7 @@ impl Registry {
         let shared = self.restored_shared(
             &record,
             profile,
-            messages,
+            super::History::Loaded(messages, 0),
             log,
             SessionState::Suspended,
             Duration::ZERO,
