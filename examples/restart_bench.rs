@@ -300,7 +300,7 @@ async fn seed(args: &Args, db: &std::path::Path) -> Value {
 
 /// Writes `messages` (one session's, in order) in one transaction as
 /// `Store::save_message` with a usage sum would: body, status, and the
-/// session's sum (nothing: these messages carry no usage).
+/// session's sum (nothing: these messages carry no usage) and count.
 async fn insert_messages(pool: &sqlx::AnyPool, messages: &[Message]) {
     let Some(first) = messages.first() else {
         return;
@@ -335,13 +335,16 @@ async fn insert_messages(pool: &sqlx::AnyPool, messages: &[Message]) {
         }
         q.execute(&mut *tx).await.expect("insert messages");
     }
-    sqlx::query("UPDATE sessions SET usage = $1, usage_version = $2 WHERE id = $3")
-        .bind(serde_json::to_string(&agentgate::model::SessionUsage::default()).unwrap())
-        .bind(messages.len() as i64)
-        .bind(first.session_id.to_string())
-        .execute(&mut *tx)
-        .await
-        .expect("usage sum");
+    sqlx::query(
+        "UPDATE sessions SET usage = $1, usage_version = $2, message_count = $3 WHERE id = $4",
+    )
+    .bind(serde_json::to_string(&agentgate::model::SessionUsage::default()).unwrap())
+    .bind(messages.len() as i64)
+    .bind(messages.len() as i64)
+    .bind(first.session_id.to_string())
+    .execute(&mut *tx)
+    .await
+    .expect("usage sum");
     tx.commit().await.expect("commit");
 }
 

@@ -175,6 +175,7 @@ impl Status {
         crate::store::UsageMark {
             version: self.usage_version,
             usage: add_usage(self.dropped_usage.clone(), &self.messages),
+            messages: (self.base + self.messages.len()) as u64,
         }
     }
 }

@@ -169,6 +169,8 @@ pub struct UsageMark {
     pub version: u64,
     /// The sum.
     pub usage: crate::model::SessionUsage,
+    /// How many messages the session had then.
+    pub messages: u64,
 }
 
 /// What a restart needs of a stored session without reading its messages
@@ -418,10 +420,12 @@ impl Store {
                 let sum = serde_json::to_string(&mark.usage)
                     .map_err(|e| StoreError::Query(e.to_string()))?;
                 sqlx::query(
-                    "UPDATE sessions SET usage = $1, usage_version = $2 WHERE id = $3 AND usage_version < $2",
+                    "UPDATE sessions SET usage = $1, usage_version = $2, message_count = $3 \
+                     WHERE id = $4 AND usage_version < $2",
                 )
                 .bind(sum)
                 .bind(mark.version as i64)
+                .bind(mark.messages as i64)
                 .bind(m.session_id.to_string())
                 .execute(&mut *tx)
                 .await?;
@@ -541,8 +545,9 @@ impl Store {
     }
 
     /// Every stored session with what a restart needs to bring it back
-    /// without reading its messages or events: one query, an index lookup
-    /// per session for its message count and newest event id. Oldest first.
+    /// without reading its messages or events: one query, with an index
+    /// lookup per session for its newest event id (and, for a session
+    /// without a usage sum, for its message count). Oldest first.
     pub async fn load_summaries(&self) -> Result<Vec<SessionSummary>, StoreError> {
         bounded(async move {
             let Some(pool) = &self.pool else {
@@ -550,7 +555,9 @@ impl Store {
             };
             let rows = sqlx::query(
                 "SELECT s.body, s.seq_ceiling, s.owner, s.usage, s.usage_version, \
-                 (SELECT MAX(ord) FROM messages m WHERE m.session_id = s.id), \
+                 CASE WHEN s.usage IS NULL \
+                 THEN (SELECT MAX(ord) + 1 FROM messages m WHERE m.session_id = s.id) \
+                 ELSE s.message_count END, \
                  (SELECT MAX(seq) FROM events e WHERE e.session_id = s.id) \
                  FROM sessions s",
             )
@@ -563,7 +570,7 @@ impl Store {
                 let owner: Option<String> = row.try_get(2)?;
                 let usage: Option<String> = row.try_get(3)?;
                 let usage_version: i64 = row.try_get(4)?;
-                let last_ord: Option<i64> = row.try_get(5)?;
+                let count: Option<i64> = row.try_get(5)?;
                 let last_seq: Option<i64> = row.try_get(6)?;
                 let record = match serde_json::from_str::<SessionRecord>(&body) {
                     Ok(s) => SessionRecord { owner, ..s },
@@ -577,12 +584,13 @@ impl Store {
                     .map(|usage| UsageMark {
                         version: usage_version.max(0) as u64,
                         usage,
+                        messages: count.unwrap_or(0).max(0) as u64,
                     });
                 out.push(SessionSummary {
                     record,
                     ceiling: ceiling.max(0) as u64,
                     last_seq: last_seq.unwrap_or(0).max(0) as u64,
-                    message_count: last_ord.map_or(0, |o| o.max(-1) + 1) as u64,
+                    message_count: count.unwrap_or(0).max(0) as u64,
                     usage,
                 });
             }
