@@ -105,12 +105,12 @@ impl Store {
             // On SQLite every write is a transaction of its own, even a
             // single statement: see [`Writer`] for why.
             let sqlite = matches!(self.spec, super::StoreSpec::Sqlite(_));
-            return Writer::open(pool, batch || sqlite).await;
+            return Writer::open(pool, batch || sqlite, self.sqlite_turn.as_ref()).await;
         };
         let Some(generation) = f.held.get(&id).map(|g| *g) else {
             return Err(StoreError::Fenced(id));
         };
-        let mut tx = Writer::open(pool, true).await?;
+        let mut tx = Writer::open(pool, true, None).await?;
         let row = sqlx::query(
             "SELECT node_id FROM leases WHERE session_id = $1 AND node_id = $2 AND generation = $3 FOR SHARE",
         )

@@ -248,6 +248,8 @@ pub struct Store {
     /// Held while the gateway runs: a second gateway on the same SQLite file
     /// fails to take it.
     _lock: Option<nix::fcntl::Flock<File>>,
+    /// SQLite: writes take turns in the process (see `writer::Writer::open`).
+    sqlite_turn: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl Store {
@@ -258,6 +260,7 @@ impl Store {
             spec: StoreSpec::Memory,
             fence: Default::default(),
             _lock: None,
+            sqlite_turn: None,
         }
     }
 
@@ -312,6 +315,7 @@ impl Store {
             spec: spec.clone(),
             fence: Default::default(),
             _lock: lock,
+            sqlite_turn: sqlite.then(Default::default),
         })
     }
 
@@ -446,18 +450,24 @@ impl Store {
                 return Ok(());
             }
             let mut tx = self.begin_for(pool, id, true).await?;
-            for e in events {
-                sqlx::query(
-                    "INSERT INTO events (session_id, seq, name, message_id, data) VALUES ($1, $2, $3, $4, $5) \
+            // Many rows per statement: a burst of deltas is one round trip
+            // to the database, not one per event.
+            for chunk in events.chunks(EVENT_ROWS) {
+                let sql = format!(
+                    "INSERT INTO events (session_id, seq, name, message_id, data) VALUES {} \
                      ON CONFLICT (session_id, seq) DO NOTHING",
-                )
-                .bind(id.to_string())
-                .bind(e.seq as i64)
-                .bind(&e.name)
-                .bind(e.message_id.map(|m| m.to_string()))
-                .bind(&e.data)
-                .execute(&mut *tx)
-                .await?;
+                    event_rows(chunk.len())
+                );
+                let mut q = sqlx::query(&sql);
+                for e in chunk {
+                    q = q
+                        .bind(id.to_string())
+                        .bind(e.seq as i64)
+                        .bind(&e.name)
+                        .bind(e.message_id.map(|m| m.to_string()))
+                        .bind(&e.data);
+                }
+                q.execute(&mut *tx).await?;
             }
             tx.commit().await?;
             self.notify_events(id).await;
@@ -631,36 +641,20 @@ impl Store {
         raise: u64,
         events: &[(Uuid, EventRecord)],
     ) -> Result<(), StoreError> {
-        // Rows per INSERT: 5 parameters each, well within SQLite's and
-        // PostgreSQL's limits on parameters per statement.
-        const ROWS: usize = 200;
         bounded(async move {
             let Some(pool) = &self.pool else {
                 return Ok(());
             };
-            let mut w = writer::Writer::open(pool, true).await?;
+            let mut w = writer::Writer::open(pool, true, self.sqlite_turn.as_ref()).await?;
             sqlx::query("UPDATE sessions SET seq_ceiling = seq_ceiling + $1")
                 .bind(raise as i64)
                 .execute(&mut *w)
                 .await?;
-            for chunk in events.chunks(ROWS) {
-                let values: Vec<String> = (0..chunk.len())
-                    .map(|i| {
-                        let p = i * 5;
-                        format!(
-                            "(${}, ${}, ${}, ${}, ${})",
-                            p + 1,
-                            p + 2,
-                            p + 3,
-                            p + 4,
-                            p + 5
-                        )
-                    })
-                    .collect();
+            for chunk in events.chunks(EVENT_ROWS) {
                 let sql = format!(
                     "INSERT INTO events (session_id, seq, name, message_id, data) VALUES {} \
                      ON CONFLICT (session_id, seq) DO NOTHING",
-                    values.join(", ")
+                    event_rows(chunk.len())
                 );
                 let mut q = sqlx::query(&sql);
                 for (id, e) in chunk {
@@ -858,6 +852,28 @@ impl Store {
         })
         .await
     }
+}
+
+/// Events per `INSERT`: 5 parameters each, well within SQLite's and
+/// PostgreSQL's limits on parameters per statement.
+const EVENT_ROWS: usize = 200;
+
+/// `($1, …, $5), ($6, …, $10), …` for `n` rows of an events `INSERT`.
+fn event_rows(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            let p = i * 5;
+            format!(
+                "(${}, ${}, ${}, ${}, ${})",
+                p + 1,
+                p + 2,
+                p + 3,
+                p + 4,
+                p + 5
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn event_of(row: &AnyRow) -> Result<EventRecord, StoreError> {

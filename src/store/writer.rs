@@ -31,6 +31,8 @@ use super::StoreError;
 /// commit by themselves. See the module's documentation for its drop.
 pub(super) struct Writer {
     conn: Option<PoolConnection<Any>>,
+    /// SQLite: this process's turn to write (see [`Writer::open`]).
+    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
     /// `BEGIN` was sent: [`Writer::commit`] sends `COMMIT`.
     transaction: bool,
     /// The write ended cleanly: the connection may serve another.
@@ -39,9 +41,25 @@ pub(super) struct Writer {
 
 impl Writer {
     /// A connection from `pool`, in a transaction of its own if
-    /// `transaction`.
-    pub(super) async fn open(pool: &AnyPool, transaction: bool) -> Result<Writer, StoreError> {
+    /// `transaction`, once `turn` (if any) is free.
+    ///
+    /// SQLite has one writer at a time per file. Left to the database,
+    /// concurrent writes on the pool's connections get `SQLITE_BUSY` and
+    /// sleep in its busy handler (1, 2, 5, 10… ms): under load most of a
+    /// write's time. Taking turns here instead, writes queue in this
+    /// process and each starts as soon as the previous one committed (one
+    /// gateway per file: the lock file sees to that).
+    pub(super) async fn open(
+        pool: &AnyPool,
+        transaction: bool,
+        turn: Option<&std::sync::Arc<tokio::sync::Mutex<()>>>,
+    ) -> Result<Writer, StoreError> {
+        let turn = match turn {
+            Some(t) => Some(t.clone().lock_owned().await),
+            None => None,
+        };
         let mut writer = Writer {
+            _turn: turn,
             conn: Some(pool.acquire().await?),
             transaction,
             clean: false,

@@ -108,7 +108,14 @@ impl Actor {
             .flatten();
         async move {
             match found {
-                Some((ord, m, usage)) => store.save_message(ord, &m, Some(&usage)).await,
+                Some((ord, m, usage)) => {
+                    // The session's count changes when a message is added,
+                    // its usage sum when one ends with usage: other writes
+                    // leave the stored sum as it is.
+                    let changed =
+                        m.status == crate::model::MessageStatus::Queued || m.usage.is_some();
+                    store.save_message(ord, &m, changed.then_some(&usage)).await
+                }
                 None => Ok(()),
             }
         }
