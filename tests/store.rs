@@ -231,3 +231,45 @@ async fn a_node_whose_lease_was_taken_writes_nothing_more() {
     assert_eq!(b.load_messages(s.id).await.unwrap()[0].output, "late");
     b.delete_session(s.id).await.unwrap();
 }
+
+#[tokio::test]
+async fn writes_that_share_a_sqlite_commit_fail_only_by_themselves() {
+    // A current-thread runtime: every write below is queued before the
+    // store's writer runs, so they go to the database as one transaction.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StoreSpec::Sqlite(dir.path().join("agentgate.db"));
+    let store = Store::open(&spec).await.unwrap();
+    let s = session();
+    store.save_session(&s).await.unwrap();
+    let taken = message(s.id, "first");
+    store.save_message(0, &taken, None).await.unwrap();
+    let good: Vec<Message> = (0..8)
+        .map(|n| message(s.id, &format!("good {n}")))
+        .collect();
+    // A message id is unique: this one, at another place, is refused.
+    let mut bad = message(s.id, "a copy");
+    bad.id = taken.id;
+    let mut writes = Vec::new();
+    for (n, m) in good.iter().enumerate() {
+        writes.push(store.save_message(1 + n as u64, m, None));
+        if n == 3 {
+            writes.push(store.save_message(100, &bad, None));
+        }
+    }
+    let results = futures::future::join_all(writes).await;
+    let failed: Vec<usize> = (0..results.len())
+        .filter(|i| results[*i].is_err())
+        .collect();
+    assert_eq!(failed, [4], "only the bad write fails: {results:?}");
+    drop(store);
+    let store = Store::open(&spec).await.unwrap();
+    let inputs: Vec<String> = store
+        .load_messages(s.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| serde_json::to_string(&m.input).unwrap())
+        .collect();
+    assert_eq!(inputs.len(), 9, "{inputs:?}");
+    assert!(inputs.iter().all(|i| !i.contains("a copy")), "{inputs:?}");
+}

@@ -90,6 +90,26 @@ impl Store {
         }
     }
 
+    /// Runs `stmts` as one write for session `id`: all or nothing. On
+    /// SQLite (one gateway, no leases) through the group commit, one call
+    /// to the database per transaction (see `writer::Batcher`); otherwise statement by statement in what
+    /// [`Store::begin_for`] opens (with the lease check in cluster mode).
+    pub(super) async fn write(
+        &self,
+        pool: &AnyPool,
+        id: Uuid,
+        stmts: Vec<super::writer::Stmt>,
+    ) -> Result<(), StoreError> {
+        if let (Some(batcher), None) = (&self.batcher, self.fence.get()) {
+            return batcher.write(stmts).await;
+        }
+        let mut tx = self.begin_for(pool, id, stmts.len() > 1).await?;
+        for s in stmts {
+            s.execute(&mut tx).await?;
+        }
+        tx.commit().await
+    }
+
     /// Where a write to session `id` goes: in cluster mode a transaction
     /// that first checks this node's lease (and fails
     /// [`StoreError::Fenced`] without it); otherwise one transaction when

@@ -28,6 +28,7 @@ use crate::model::Message;
 mod cluster;
 mod writer;
 pub use cluster::{Fence, Lease, CHANNELS};
+use writer::{Arg, Stmt};
 
 /// Where sessions are kept (`--store`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,6 +251,8 @@ pub struct Store {
     _lock: Option<nix::fcntl::Flock<File>>,
     /// SQLite: writes take turns in the process (see `writer::Writer::open`).
     sqlite_turn: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
+    /// SQLite: the group commit most writes go through (`writer::Batcher`).
+    batcher: Option<writer::Batcher>,
 }
 
 impl Store {
@@ -261,6 +264,7 @@ impl Store {
             fence: Default::default(),
             _lock: None,
             sqlite_turn: None,
+            batcher: None,
         }
     }
 
@@ -310,12 +314,18 @@ impl Store {
             )),
             other => fail(format!("cannot migrate: {other}")),
         })?;
+        let sqlite_turn: Option<std::sync::Arc<tokio::sync::Mutex<()>>> =
+            sqlite.then(Default::default);
+        let batcher = sqlite_turn
+            .clone()
+            .map(|turn| writer::Batcher::start(pool.clone(), turn));
         Ok(Store {
             pool: Some(pool),
             spec: spec.clone(),
             fence: Default::default(),
             _lock: lock,
-            sqlite_turn: sqlite.then(Default::default),
+            sqlite_turn,
+            batcher,
         })
     }
 
@@ -356,18 +366,20 @@ impl Store {
                 return Ok(());
             };
             let body = serde_json::to_string(s).map_err(|e| StoreError::Query(e.to_string()))?;
-            let mut tx = self.begin_for(pool, s.id, false).await?;
-            sqlx::query(
-                "INSERT INTO sessions (id, body, owner) VALUES ($1, $2, $3) \
-                 ON CONFLICT (id) DO UPDATE SET body = excluded.body, owner = excluded.owner",
+            self.write(
+                pool,
+                s.id,
+                vec![Stmt::new(
+                    "INSERT INTO sessions (id, body, owner) VALUES ($1, $2, $3) \
+                     ON CONFLICT (id) DO UPDATE SET body = excluded.body, owner = excluded.owner",
+                    vec![
+                        Arg::Text(s.id.to_string()),
+                        Arg::Text(body),
+                        Arg::MaybeText(s.owner.clone()),
+                    ],
+                )],
             )
-            .bind(s.id.to_string())
-            .bind(body)
-            .bind(s.owner.clone())
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            Ok(())
+            .await
         })
         .await
     }
@@ -379,14 +391,15 @@ impl Store {
             let Some(pool) = &self.pool else {
                 return Ok(());
             };
-            let mut tx = self.begin_for(pool, id, false).await?;
-            sqlx::query("UPDATE sessions SET seq_ceiling = $1 WHERE id = $2 AND seq_ceiling < $1")
-                .bind(ceiling as i64)
-                .bind(id.to_string())
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            Ok(())
+            self.write(
+                pool,
+                id,
+                vec![Stmt::new(
+                    "UPDATE sessions SET seq_ceiling = $1 WHERE id = $2 AND seq_ceiling < $1",
+                    vec![Arg::Int(ceiling as i64), Arg::Text(id.to_string())],
+                )],
+            )
+            .await
         })
         .await
     }
@@ -408,34 +421,32 @@ impl Store {
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default();
-            let mut tx = self.begin_for(pool, m.session_id, usage.is_some()).await?;
-            sqlx::query(
+            let mut stmts = vec![Stmt::new(
                 "INSERT INTO messages (session_id, ord, id, body, status) VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (session_id, ord) DO UPDATE SET body = excluded.body, status = excluded.status",
-            )
-            .bind(m.session_id.to_string())
-            .bind(ord as i64)
-            .bind(m.id.to_string())
-            .bind(body)
-            .bind(status)
-            .execute(&mut *tx)
-            .await?;
+                vec![
+                    Arg::Text(m.session_id.to_string()),
+                    Arg::Int(ord as i64),
+                    Arg::Text(m.id.to_string()),
+                    Arg::Text(body),
+                    Arg::Text(status),
+                ],
+            )];
             if let Some(mark) = usage {
                 let sum = serde_json::to_string(&mark.usage)
                     .map_err(|e| StoreError::Query(e.to_string()))?;
-                sqlx::query(
+                stmts.push(Stmt::new(
                     "UPDATE sessions SET usage = $1, usage_version = $2, message_count = $3 \
                      WHERE id = $4 AND usage_version < $2",
-                )
-                .bind(sum)
-                .bind(mark.version as i64)
-                .bind(mark.messages as i64)
-                .bind(m.session_id.to_string())
-                .execute(&mut *tx)
-                .await?;
+                    vec![
+                        Arg::Text(sum),
+                        Arg::Int(mark.version as i64),
+                        Arg::Int(mark.messages as i64),
+                        Arg::Text(m.session_id.to_string()),
+                    ],
+                ));
             }
-            tx.commit().await?;
-            Ok(())
+            self.write(pool, m.session_id, stmts).await
         })
         .await
     }
@@ -449,27 +460,32 @@ impl Store {
             if events.is_empty() {
                 return Ok(());
             }
-            let mut tx = self.begin_for(pool, id, true).await?;
-            // Many rows per statement: a burst of deltas is one round trip
-            // to the database, not one per event.
-            for chunk in events.chunks(EVENT_ROWS) {
-                let sql = format!(
-                    "INSERT INTO events (session_id, seq, name, message_id, data) VALUES {} \
-                     ON CONFLICT (session_id, seq) DO NOTHING",
-                    event_rows(chunk.len())
-                );
-                let mut q = sqlx::query(&sql);
-                for e in chunk {
-                    q = q
-                        .bind(id.to_string())
-                        .bind(e.seq as i64)
-                        .bind(&e.name)
-                        .bind(e.message_id.map(|m| m.to_string()))
-                        .bind(&e.data);
-                }
-                q.execute(&mut *tx).await?;
-            }
-            tx.commit().await?;
+            // Many rows per statement: a burst of deltas is one statement,
+            // not one per event.
+            let stmts = events
+                .chunks(EVENT_ROWS)
+                .map(|chunk| {
+                    let sql = format!(
+                        "INSERT INTO events (session_id, seq, name, message_id, data) VALUES {} \
+                         ON CONFLICT (session_id, seq) DO NOTHING",
+                        event_rows(chunk.len())
+                    );
+                    let args = chunk
+                        .iter()
+                        .flat_map(|e| {
+                            [
+                                Arg::Text(id.to_string()),
+                                Arg::Int(e.seq as i64),
+                                Arg::Text(e.name.clone()),
+                                Arg::MaybeText(e.message_id.map(|m| m.to_string())),
+                                Arg::Text(e.data.clone()),
+                            ]
+                        })
+                        .collect();
+                    Stmt::new(sql, args)
+                })
+                .collect();
+            self.write(pool, id, stmts).await?;
             self.notify_events(id).await;
             Ok(())
         })
@@ -482,14 +498,15 @@ impl Store {
             let Some(pool) = &self.pool else {
                 return Ok(());
             };
-            let mut tx = self.begin_for(pool, id, false).await?;
-            sqlx::query("DELETE FROM events WHERE session_id = $1 AND seq < $2")
-                .bind(id.to_string())
-                .bind(first_kept as i64)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            Ok(())
+            self.write(
+                pool,
+                id,
+                vec![Stmt::new(
+                    "DELETE FROM events WHERE session_id = $1 AND seq < $2",
+                    vec![Arg::Text(id.to_string()), Arg::Int(first_kept as i64)],
+                )],
+            )
+            .await
         })
         .await
     }
