@@ -421,32 +421,41 @@ impl Store {
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default();
-            let mut stmts = vec![Stmt::new(
-                "INSERT INTO messages (session_id, ord, id, body, status) VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (session_id, ord) DO UPDATE SET body = excluded.body, status = excluded.status",
-                vec![
-                    Arg::Text(m.session_id.to_string()),
-                    Arg::Int(ord as i64),
-                    Arg::Text(m.id.to_string()),
-                    Arg::Text(body),
-                    Arg::Text(status),
-                ],
-            )];
-            if let Some(mark) = usage {
-                let sum = serde_json::to_string(&mark.usage)
-                    .map_err(|e| StoreError::Query(e.to_string()))?;
-                stmts.push(Stmt::new(
-                    "UPDATE sessions SET usage = $1, usage_version = $2, message_count = $3 \
-                     WHERE id = $4 AND usage_version < $2",
-                    vec![
-                        Arg::Text(sum),
-                        Arg::Int(mark.version as i64),
-                        Arg::Int(mark.messages as i64),
-                        Arg::Text(m.session_id.to_string()),
-                    ],
-                ));
-            }
-            self.write(pool, m.session_id, stmts).await
+            const UPSERT: &str = "INSERT INTO messages (session_id, ord, id, body, status) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (session_id, ord) DO UPDATE SET body = excluded.body, status = excluded.status";
+            const SUM: &str = "UPDATE sessions SET usage = $6, usage_version = $7, message_count = $8 \
+                 WHERE id = $1 AND usage_version < $7";
+            let mut args = vec![
+                Arg::Text(m.session_id.to_string()),
+                Arg::Int(ord as i64),
+                Arg::Text(m.id.to_string()),
+                Arg::Text(body),
+                Arg::Text(status),
+            ];
+            let Some(mark) = usage else {
+                return self.write(pool, m.session_id, vec![Stmt::new(UPSERT, args)]).await;
+            };
+            args.extend([
+                Arg::Text(
+                    serde_json::to_string(&mark.usage)
+                        .map_err(|e| StoreError::Query(e.to_string()))?,
+                ),
+                Arg::Int(mark.version as i64),
+                Arg::Int(mark.messages as i64),
+            ]);
+            let sql = if matches!(self.spec, StoreSpec::Postgres(_)) {
+                // One statement (a data-modifying WITH runs whether or not
+                // it is read): one round trip where a transaction of two
+                // statements takes four.
+                format!("WITH m AS ({UPSERT}) {SUM}")
+            } else {
+                // SQLite runs it as part of one script (the group commit),
+                // its parameters numbered across both statements.
+                format!("{UPSERT}; {SUM}")
+            };
+            self.write(pool, m.session_id, vec![Stmt::new(sql, args)])
+                .await
         })
         .await
     }
