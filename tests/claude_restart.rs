@@ -163,13 +163,7 @@ async fn killed_mid_reply_then_restarted(store: &str) {
         before["usage"]["output_tokens"].as_u64().unwrap_or(0) > 0,
         "claude reported usage: {before}"
     );
-    let mut node = node;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(node.child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    node.child.wait().unwrap();
+    node.terminate();
     let node = start(home.path(), &mock, store);
     let after = get_ok(&http, format!("{}/sessions/{id}", node.base)).await;
     assert_eq!(after["message_count"], 3, "{after}");

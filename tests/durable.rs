@@ -175,13 +175,7 @@ async fn restart_loses_nothing(store: &str) {
     assert!(ids.iter().all(|n| *n > last_seen), "{ids:?}");
 
     // A clean SIGTERM restart loses nothing either.
-    let mut node = node;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(node.child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    node.child.wait().unwrap();
+    node.terminate();
     let node = start(home.path(), store);
     let view = get(&http, format!("{}/sessions/{id}", node.base)).await;
     assert_eq!(view["state"], "suspended");
@@ -476,21 +470,7 @@ async fn a_session_the_gateway_closed_stays_closed_and_readable_across_a_restart
     .await;
     // Events are written in batches: wait for the last one to be stored.
     let db = home.path().join("agentgate.db");
-    eventually(T, || async {
-        use sqlx::Connection;
-        let url = format!("sqlite://{}?mode=ro", db.display());
-        let Ok(mut conn) = sqlx::SqliteConnection::connect(&url).await else {
-            return false;
-        };
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM events WHERE session_id = $1 AND name = 'session.closed'",
-        )
-        .bind(&id)
-        .fetch_one(&mut conn)
-        .await
-        .is_ok_and(|n| n == 1)
-    })
-    .await;
+    wait_stored(&db, &id, "name = 'session.closed'").await;
     node.child.kill().unwrap();
     node.child.wait().unwrap();
 
@@ -611,6 +591,26 @@ async fn old_history_is_read_from_the_store_and_memory_keeps_the_newest() {
     assert_problem(res, 404).await;
 }
 
+/// Waits until the SQLite store at `db` holds one event of session `id`
+/// matching `condition` (events are written in batches).
+async fn wait_stored(db: &std::path::Path, id: &str, condition: &str) {
+    eventually(T, || async {
+        use sqlx::Connection;
+        let url = format!("sqlite://{}?mode=ro", db.display());
+        let Ok(mut conn) = sqlx::SqliteConnection::connect(&url).await else {
+            return false;
+        };
+        sqlx::query_scalar::<_, i64>(&format!(
+            "SELECT count(*) FROM events WHERE session_id = $1 AND {condition}"
+        ))
+        .bind(id)
+        .fetch_one(&mut conn)
+        .await
+        .is_ok_and(|n| n == 1)
+    })
+    .await;
+}
+
 /// Runs `sql` on the SQLite store at `db`, behind the gateway's back.
 async fn sql(db: &std::path::Path, sql: &str, id: &str) {
     use sqlx::Connection;
@@ -626,7 +626,7 @@ async fn a_restarted_gateway_reads_a_sessions_history_and_events_on_demand() {
     let db = home.path().join("agentgate.db");
     let store = format!("sqlite:{}", db.display());
     let http = reqwest::Client::builder().timeout(T).build().unwrap();
-    let mut node = start(home.path(), &store);
+    let node = start(home.path(), &store);
     let base = node.base.clone();
     let s = post_json(&http, format!("{base}/sessions"), json!({"agent": "sed"})).await;
     let id = s["id"].as_str().unwrap().to_string();
@@ -648,28 +648,8 @@ async fn a_restarted_gateway_reads_a_sessions_history_and_events_on_demand() {
     let before_ids: Vec<u64> = before.iter().filter_map(|i| i.id).collect();
     // Events are written in batches: wait until the last one is stored.
     let last = *before_ids.last().unwrap();
-    eventually(T, || async {
-        use sqlx::Connection;
-        let url = format!("sqlite://{}?mode=ro", db.display());
-        let Ok(mut conn) = sqlx::SqliteConnection::connect(&url).await else {
-            return false;
-        };
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM events WHERE session_id = $1 AND seq = $2",
-        )
-        .bind(&id)
-        .bind(last as i64)
-        .fetch_one(&mut conn)
-        .await
-        .is_ok_and(|n| n == 1)
-    })
-    .await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(node.child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    node.child.wait().unwrap();
+    wait_stored(&db, &id, &format!("seq = {last}")).await;
+    node.terminate();
     // An old store's session has no usage sum (store version 4): give this
     // one usage in its messages only, as such a store would have it.
     let other = {
@@ -682,13 +662,7 @@ async fn a_restarted_gateway_reads_a_sessions_history_and_events_on_demand() {
         .await;
         let other = s["id"].as_str().unwrap().to_string();
         assert_eq!(ask(&http, &node.base, &other, "x").await["output"], "x\n");
-        let mut node = node;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(node.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        node.child.wait().unwrap();
+        node.terminate();
         other
     };
     sql(&db, "UPDATE messages SET body = replace(body, '\"usage\":null', '\"usage\":{\"usage\":{\"input_tokens\":5,\"output_tokens\":2},\"cost_usd\":0.25}') WHERE session_id = $1", &other).await;

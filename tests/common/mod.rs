@@ -80,6 +80,16 @@ impl Node {
             base: format!("http://{addr}"),
         }
     }
+
+    /// Stops it as a service manager would (SIGTERM) and waits for it.
+    pub fn terminate(mut self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        self.child.wait().unwrap();
+    }
 }
 
 /// `GET url`, which must succeed, as JSON.
