@@ -675,6 +675,18 @@ async fn a_restarted_gateway_reads_a_sessions_history_and_events_on_demand() {
     // And this one a usage sum of its own, which the restart takes as it is.
     sql(&db, "UPDATE sessions SET usage = '{\"input_tokens\":7,\"output_tokens\":3,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"cost_usd\":0.5}' WHERE id = $1", &id).await;
 
+    // The newest stored event, before this start adds its own.
+    let last_stored: i64 = {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        sqlx::query_scalar("SELECT MAX(seq) FROM events WHERE session_id = $1")
+            .bind(&id)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+    };
     let node = start(home.path(), &store);
     let base = node.base.clone();
     // Changed behind the gateway's back after it started: a session's
@@ -693,6 +705,20 @@ async fn a_restarted_gateway_reads_a_sessions_history_and_events_on_demand() {
         .map(|m| m["output"].as_str().unwrap())
         .collect();
     assert_eq!(outputs, ["stored m0\n", "stored m1\n", "stored m2\n"]);
+    // A reader who saw the last stored event (the shutdown's) missed
+    // nothing: the restart's event follows, no gap.
+    let resumed = read_sse(
+        http.get(format!("{base}/sessions/{id}/events"))
+            .header("last-event-id", last_stored.to_string())
+            .send()
+            .await
+            .unwrap(),
+        T,
+        |i| i.data["reason"] == "restarted",
+    )
+    .await;
+    let names: Vec<&str> = resumed.iter().filter_map(|i| i.event.as_deref()).collect();
+    assert_eq!(names, ["session.state"], "{resumed:?}");
     // The whole log from the start: the stored events once, in order, then the restart's.
     let replay = read_sse(
         http.get(format!("{base}/sessions/{id}/events"))

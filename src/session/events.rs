@@ -214,6 +214,11 @@ struct Ring {
     closed: bool,
     /// Events below this id are in the store and not yet here (0: none).
     unloaded_below: u64,
+    /// After a lazy restore: the last stored id and the first new one. Ids
+    /// between them were never stored, and a reader who has seen the last
+    /// stored one (or any of them) has missed nothing stored: it goes on
+    /// with the new ones, no `stream.gap`.
+    restored: Option<(u64, u64)>,
 }
 
 /// The log of one session (or of one one-shot run).
@@ -237,6 +242,7 @@ impl EventLog {
                 next_seq: 1,
                 closed: false,
                 unloaded_below: 0,
+                restored: None,
             }),
             last: watch::channel(0).0,
             max_events: max_events.max(1),
@@ -285,6 +291,7 @@ impl EventLog {
             let mut ring = log.ring.lock().expect("event ring poisoned");
             ring.next_seq = next_seq.max(last_stored + 1);
             ring.unloaded_below = if last_stored > 0 { last_stored + 1 } else { 0 };
+            ring.restored = (last_stored > 0).then_some((last_stored, ring.next_seq));
         }
         let last = log.last_seq();
         log.last.send_replace(last);
@@ -455,6 +462,11 @@ impl EventLog {
         // one a client asked to skip are never sent, even if the log has
         // not reached it yet (the stream then waits for later ids).
         let mut cursor = cursor;
+        if let Some((last_stored, next)) = ring.restored {
+            if (last_stored..next).contains(&cursor) {
+                cursor = next - 1;
+            }
+        }
         if let Some(first) = ring.events.front().map(|e| e.seq) {
             if cursor + 1 < first {
                 into.push_back(Item::Gap {
@@ -679,6 +691,9 @@ mod tests {
         );
         assert_eq!(log.publish_as("e", None, &"new"), 21);
         assert_eq!(log.publish_as("e", None, &"new"), 22);
+        // A reader who saw the last stored id missed nothing: no gap.
+        let mut seen = log.subscribe(10);
+        assert!(matches!(seen.next().await, Some(Item::Event(e)) if e.seq == 21));
         log.load_stored(stored(1..=10));
         // A second load changes nothing.
         log.load_stored(stored(1..=10));
