@@ -336,13 +336,11 @@ impl EventLog {
         }
     }
 
-    /// The events held in memory with ids above `after`, as the store
-    /// keeps them.
-    pub fn events_after(&self, after: u64) -> Vec<crate::store::EventRecord> {
+    /// The events held in memory, as the store keeps them.
+    pub fn held_events(&self) -> Vec<crate::store::EventRecord> {
         let ring = self.ring.lock().expect("event ring poisoned");
         ring.events
             .iter()
-            .filter(|e| e.seq > after)
             .map(|e| crate::store::EventRecord {
                 seq: e.seq,
                 name: e.name.to_string(),

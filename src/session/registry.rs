@@ -598,7 +598,7 @@ impl Registry {
                 state: SessionState::Suspended,
             });
             // Published before the writer starts: written below, with the rest.
-            writes.extend(log.events_after(0).into_iter().map(|e| (id, e)));
+            writes.extend(log.held_events().into_iter().map(|e| (id, e)));
             super::persist::spawn_writer(self.store.clone(), id, &log, new_ceiling);
             let shared = self.restored_shared(
                 &record,

@@ -92,13 +92,13 @@ impl Store {
 
     /// Runs `stmts` as one write for session `id`: all or nothing. On
     /// SQLite (one gateway, no leases) through the group commit, one call
-    /// to the database per transaction (see `writer::Batcher`); otherwise statement by statement in what
+    /// to the database per transaction (see `batch::Batcher`); otherwise statement by statement in what
     /// [`Store::begin_for`] opens (with the lease check in cluster mode).
     pub(super) async fn write(
         &self,
         pool: &AnyPool,
         id: Uuid,
-        stmts: Vec<super::writer::Stmt>,
+        stmts: Vec<super::batch::Stmt>,
     ) -> Result<(), StoreError> {
         if let (Some(batcher), None) = (&self.batcher, self.fence.get()) {
             return batcher.write(stmts).await;

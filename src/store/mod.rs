@@ -25,10 +25,11 @@ use uuid::Uuid;
 
 use crate::model::Message;
 
+mod batch;
 mod cluster;
 mod writer;
+use batch::{Arg, Stmt};
 pub use cluster::{Fence, Lease, CHANNELS};
-use writer::{Arg, Stmt};
 
 /// Where sessions are kept (`--store`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,8 +252,8 @@ pub struct Store {
     _lock: Option<nix::fcntl::Flock<File>>,
     /// SQLite: writes take turns in the process (see `writer::Writer::open`).
     sqlite_turn: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
-    /// SQLite: the group commit most writes go through (`writer::Batcher`).
-    batcher: Option<writer::Batcher>,
+    /// SQLite: the group commit most writes go through (`batch::Batcher`).
+    batcher: Option<batch::Batcher>,
 }
 
 impl Store {
@@ -318,7 +319,7 @@ impl Store {
             sqlite.then(Default::default);
         let batcher = sqlite_turn
             .clone()
-            .map(|turn| writer::Batcher::start(pool.clone(), turn));
+            .map(|turn| batch::Batcher::start(pool.clone(), turn));
         Ok(Store {
             pool: Some(pool),
             spec: spec.clone(),
