@@ -519,10 +519,7 @@ impl Registry {
             return self.restore_node().await;
         }
         let summaries = self.store.load_summaries().await?;
-        let mut unfinished: HashMap<Uuid, Vec<u64>> = HashMap::new();
-        for (ord, m) in self.store.load_unfinished().await? {
-            unfinished.entry(m.session_id).or_default().push(ord);
-        }
+        let unfinished = self.store.sessions_with_unfinished().await?;
         // Every ceiling is raised by the same step, in one statement: ids
         // continue after the highest one the previous gateway could use.
         let raise = super::persist::RESERVE + 1;
@@ -542,12 +539,10 @@ impl Registry {
             };
             let id = record.id;
             let next_seq = ceiling.max(last_seq) + 1;
-            let new_ceiling = ceiling + raise;
-            if new_ceiling < next_seq + super::persist::RESERVE {
+            let new_ceiling = next_seq + super::persist::RESERVE;
+            if new_ceiling > ceiling + raise {
                 // Only if a stored id passed the ceiling (never by this gateway's writes).
-                self.store
-                    .reserve_events(id, next_seq + super::persist::RESERVE)
-                    .await?;
+                self.store.reserve_events(id, new_ceiling).await?;
             }
             let log = EventLog::restore_lazy(
                 self.config.replay_events,
@@ -557,7 +552,7 @@ impl Registry {
             );
             // Sums written from now on must pass the stored one's version.
             let usage_version = usage.as_ref().map_or(0, |u| u.version);
-            let history = match (usage, unfinished.contains_key(&id)) {
+            let history = match (usage, unfinished.contains(&id)) {
                 (Some(mark), false) => History::InStore {
                     count: message_count as usize,
                     usage: mark,
@@ -589,7 +584,7 @@ impl Registry {
                 }
             };
             if record.closed.is_some() {
-                self.restore_closed(record, history, log).await?;
+                self.restore_closed(record, profile, history, log).await?;
                 continue;
             }
             log.publish(&crate::session::Event::SessionState {
@@ -620,8 +615,9 @@ impl Registry {
         Ok(restored)
     }
 
-    /// Session `id`'s event log read back from the store for a session
-    /// that comes back open (a restart, or a node taking it over): ids
+    /// Session `id`'s event log read back from the store for a session a
+    /// cluster node takes over (a single gateway's restart reads no events:
+    /// [`EventLog::restore_lazy`]): ids
     /// continue after `ceiling` (never reused), its writer runs, and the log
     /// says what happened — `message.failed` for each message in `lost`,
     /// then `session.state` `suspended` with reason `restarted`.
@@ -670,6 +666,7 @@ impl Registry {
     async fn restore_closed(
         self: &Arc<Self>,
         record: crate::store::SessionRecord,
+        profile: Arc<AgentProfile>,
         history: History,
         log: Arc<EventLog>,
     ) -> Result<(), crate::store::StoreError> {
@@ -680,9 +677,6 @@ impl Registry {
         if closed_for >= self.config.session_ttl {
             return self.store.delete_session(id).await;
         }
-        let Some(profile) = self.config.profiles.get(&record.agent).cloned() else {
-            return Ok(());
-        };
         log.close();
         let shared = self.restored_shared(
             &record,

@@ -637,24 +637,24 @@ impl Store {
         .await
     }
 
-    /// Every message stored as queued or running, with its place in its
-    /// session (after a restart these failed with `gateway_lost`).
-    pub async fn load_unfinished(&self) -> Result<Vec<(u64, Message)>, StoreError> {
+    /// The sessions with a message stored as queued or running (after a
+    /// restart those messages fail with `gateway_lost`).
+    pub async fn sessions_with_unfinished(
+        &self,
+    ) -> Result<std::collections::HashSet<Uuid>, StoreError> {
         bounded(async move {
             let Some(pool) = &self.pool else {
-                return Ok(vec![]);
+                return Ok(Default::default());
             };
             let rows = sqlx::query(
-                "SELECT ord, body FROM messages WHERE status IN ('queued', 'running') ORDER BY session_id, ord",
+                "SELECT DISTINCT session_id FROM messages WHERE status IN ('queued', 'running')",
             )
             .fetch_all(pool)
             .await?;
             rows.iter()
                 .map(|row| {
-                    let ord: i64 = row.try_get(0)?;
-                    let body: String = row.try_get(1)?;
-                    let m = serde_json::from_str(&body).map_err(|e| StoreError::Query(e.to_string()))?;
-                    Ok((ord as u64, m))
+                    let id: String = row.try_get(0)?;
+                    Uuid::parse_str(&id).map_err(|e| StoreError::Query(e.to_string()))
                 })
                 .collect()
         })
