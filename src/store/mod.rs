@@ -470,31 +470,8 @@ impl Store {
             if events.is_empty() {
                 return Ok(());
             }
-            // Many rows per statement: a burst of deltas is one statement,
-            // not one per event.
-            let stmts = events
-                .chunks(EVENT_ROWS)
-                .map(|chunk| {
-                    let sql = format!(
-                        "INSERT INTO events (session_id, seq, name, message_id, data) VALUES {} \
-                         ON CONFLICT (session_id, seq) DO NOTHING",
-                        event_rows(chunk.len())
-                    );
-                    let args = chunk
-                        .iter()
-                        .flat_map(|e| {
-                            [
-                                Arg::Text(id.to_string()),
-                                Arg::Int(e.seq as i64),
-                                Arg::Text(e.name.clone()),
-                                Arg::MaybeText(e.message_id.map(|m| m.to_string())),
-                                Arg::Text(e.data.clone()),
-                            ]
-                        })
-                        .collect();
-                    Stmt::new(sql, args)
-                })
-                .collect();
+            let rows: Vec<_> = events.iter().map(|e| (id, e)).collect();
+            let stmts = insert_events(&rows);
             self.write(pool, id, stmts).await?;
             self.notify_events(id).await;
             Ok(())
@@ -673,26 +650,13 @@ impl Store {
                 return Ok(());
             };
             let mut w = writer::Writer::open(pool, true, self.sqlite_turn.as_ref()).await?;
-            sqlx::query("UPDATE sessions SET seq_ceiling = seq_ceiling + $1")
-                .bind(raise as i64)
-                .execute(&mut *w)
-                .await?;
-            for chunk in events.chunks(EVENT_ROWS) {
-                let sql = format!(
-                    "INSERT INTO events (session_id, seq, name, message_id, data) VALUES {} \
-                     ON CONFLICT (session_id, seq) DO NOTHING",
-                    event_rows(chunk.len())
-                );
-                let mut q = sqlx::query(&sql);
-                for (id, e) in chunk {
-                    q = q
-                        .bind(id.to_string())
-                        .bind(e.seq as i64)
-                        .bind(e.name.clone())
-                        .bind(e.message_id.map(|m| m.to_string()))
-                        .bind(e.data.clone());
-                }
-                q.execute(&mut *w).await?;
+            let raise = Stmt::new(
+                "UPDATE sessions SET seq_ceiling = seq_ceiling + $1",
+                vec![Arg::Int(raise as i64)],
+            );
+            let rows: Vec<_> = events.iter().map(|(id, e)| (*id, e)).collect();
+            for stmt in std::iter::once(raise).chain(insert_events(&rows)) {
+                stmt.execute(&mut w).await?;
             }
             w.commit().await
         })
@@ -885,22 +849,44 @@ impl Store {
 /// PostgreSQL's limits on parameters per statement.
 const EVENT_ROWS: usize = 200;
 
-/// `($1, …, $5), ($6, …, $10), …` for `n` rows of an events `INSERT`.
-fn event_rows(n: usize) -> String {
-    (0..n)
-        .map(|i| {
-            let p = i * 5;
-            format!(
-                "(${}, ${}, ${}, ${}, ${})",
-                p + 1,
-                p + 2,
-                p + 3,
-                p + 4,
-                p + 5
-            )
+/// The `INSERT`s that append `rows` (session, event): many rows per
+/// statement, so a burst of deltas is one statement, not one per event.
+fn insert_events(rows: &[(Uuid, &EventRecord)]) -> Vec<Stmt> {
+    rows.chunks(EVENT_ROWS)
+        .map(|chunk| {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let p = i * 5;
+                    format!(
+                        "(${}, ${}, ${}, ${}, ${})",
+                        p + 1,
+                        p + 2,
+                        p + 3,
+                        p + 4,
+                        p + 5
+                    )
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO events (session_id, seq, name, message_id, data) VALUES {} \
+                 ON CONFLICT (session_id, seq) DO NOTHING",
+                values.join(", ")
+            );
+            let args = chunk
+                .iter()
+                .flat_map(|(id, e)| {
+                    [
+                        Arg::Text(id.to_string()),
+                        Arg::Int(e.seq as i64),
+                        Arg::Text(e.name.clone()),
+                        Arg::MaybeText(e.message_id.map(|m| m.to_string())),
+                        Arg::Text(e.data.clone()),
+                    ]
+                })
+                .collect();
+            Stmt::new(sql, args)
         })
-        .collect::<Vec<_>>()
-        .join(", ")
+        .collect()
 }
 
 fn event_of(row: &AnyRow) -> Result<EventRecord, StoreError> {
